@@ -1,0 +1,532 @@
+"""The one shared module: Mini-o3's protocol, the crop tool, model loading, JSONL files.
+
+Everything the stage scripts (make_probe, collect, sft, rl, infer, eval) agree on lives here:
+  * the conversation format (system prompt, first user turn, observation and error turns),
+  * `parse_action`, the strict parser of what the model wrote in one assistant turn,
+  * `Episode`, the state of one search: the images seen so far and the crop tool that adds one,
+  * `load`, which gives (model, processor) for a local folder, a hub name or the tiny default,
+  * JSONL reading/writing and atomic checkpoint saving.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent
+TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
+
+# ----------------------------------------------------------------------------------------------
+# The protocol. Texts are our own words; tags, JSON keys, coordinates and turn structure are
+# Mini-o3's, so its data and checkpoints work here unchanged.
+# ----------------------------------------------------------------------------------------------
+SYSTEM_PROMPT = (
+    "You are a visual search assistant. Think step by step inside <think> and </think>. "
+    "To look at a region of an image more closely, write "
+    "<grounding>{\"bbox_2d\": [x0, y0, x1, y1], \"source\": \"original_image\"}</grounding>, "
+    "where (x0, y0) is the top-left and (x1, y1) the bottom-right corner of the region in relative "
+    "coordinates (the image is 1.0 wide and 1.0 high), and source is \"original_image\" or "
+    "\"observation_i\" for the i-th zoom-in image. Once the final answer is confirmed, "
+    "put it inside <answer> and </answer>."
+)
+PLAIN_SYSTEM_PROMPT = "You are a helpful assistant."   # the base model's (Qwen's default) prompt
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image; the pad is expanded per image
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+STOP_STRINGS = ("</grounding>", IM_END)              # a turn ends at either
+
+
+def observation_text(action_index: int, observation_index: int) -> str:
+    """The user turn that returns a crop (the image placeholder sits inside the text)."""
+    return (f"After the above Action {action_index}, here is the zoom-in image "
+            f"(Observation {observation_index}):\n{IMAGE}.\n"
+            "Continue your reasoning inside <think> and </think>. If needed, zoom in again on the "
+            "original image or any observation with <grounding> and </grounding>; once the answer "
+            "is confirmed, put it inside <answer> and </answer>.")
+
+
+def error_text(reason: str) -> str:
+    """The user turn that answers an invalid tool call."""
+    return (f"The zoom-in request failed. Error: {reason}.\n"
+            "Please look at the error and continue your reasoning inside <think> and </think>.")
+
+
+def prompt_text(question: str, system: str = SYSTEM_PROMPT) -> str:
+    """System turn + first user turn (image + question) + the opening of the assistant turn.
+
+    VisualProbe writes the image as "<image>" inside the problem; it is replaced by the image
+    block there, or put first when the problem has none.
+    """
+    user = question.replace("<image>", IMAGE, 1) if "<image>" in question else IMAGE + "\n" + question
+    return (f"{IM_START}system\n{system}{IM_END}\n"
+            f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n")
+
+
+def tool_turn_text(user_text: str) -> str:
+    """What follows an assistant turn that stopped at </grounding>: close it, add the user turn."""
+    return f"{IM_END}\n{IM_START}user\n{user_text}{IM_END}\n{IM_START}assistant\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# parse_action: strict, bounded, never eval.
+# ----------------------------------------------------------------------------------------------
+MAX_TURN_CHARS = 16_000      # a longer turn is refused outright
+MAX_CALL_CHARS = 400         # the JSON inside <grounding> ... </grounding>
+MAX_ANSWER_CHARS = 400
+MAX_ASPECT = 100.0           # width/height (in pixels of the source image) above this is refused
+_GROUNDING = re.compile(r"<grounding>(.*?)</grounding>", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_SOURCE = re.compile(r"observation_([1-9][0-9]{0,3})")
+
+
+@dataclass
+class Action:
+    kind: str                             # "zoom" | "answer" | "invalid" | "none"
+    bbox: list[float] | None = None       # relative [x0, y0, x1, y1] of the source image
+    source: str | None = None             # "original_image" or "observation_i"
+    answer: str | None = None
+    error: str | None = None
+
+    @property
+    def source_index(self) -> int:
+        """0 for the original image, i for observation_i."""
+        return 0 if self.source == "original_image" else int(self.source.split("_")[1])
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_action(text: str, image_sizes: list[tuple[int, int]] | None = None) -> Action:
+    """Read the action of one assistant turn.
+
+    A complete <grounding> call wins (generation stops right after it); then <answer>; a turn with
+    neither is "none" (it ends the episode). `image_sizes` lists (width, height) of the original
+    image and of each observation so far: it bounds `observation_i` and the aspect-ratio check.
+    """
+    if len(text) > MAX_TURN_CHARS:
+        return Action("invalid", error=f"the turn is longer than {MAX_TURN_CHARS} characters")
+    calls = _GROUNDING.findall(text)
+    if calls:
+        return _parse_call(calls[-1], image_sizes)
+    if "<grounding>" in text:
+        return Action("invalid", error="<grounding> is not closed by </grounding>")
+    answers = _ANSWER.findall(text)
+    if answers:
+        answer = answers[-1].strip()
+        if len(answer) > MAX_ANSWER_CHARS:
+            return Action("invalid", error=f"the answer is longer than {MAX_ANSWER_CHARS} characters")
+        return Action("answer", answer=answer)
+    return Action("none")
+
+
+def _parse_call(body: str, image_sizes) -> Action:
+    def bad(reason):
+        return Action("invalid", error=reason)
+
+    if len(body) > MAX_CALL_CHARS:
+        return bad(f"the grounding call is longer than {MAX_CALL_CHARS} characters")
+    try:
+        call = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        return bad(f"the grounding call is not valid JSON ({e})")
+    if not isinstance(call, dict):
+        return bad("the grounding call must be a JSON object")
+    if set(call) != {"bbox_2d", "source"}:
+        return bad(f"the grounding call must have exactly the keys bbox_2d and source, got {sorted(call)}")
+    box, source = call["bbox_2d"], call["source"]
+    if not isinstance(box, list) or len(box) != 4:
+        return bad("bbox_2d must be a list of four numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        return bad("bbox_2d must hold numbers only")
+    box = [float(v) for v in box]
+    if not all(math.isfinite(v) for v in box):
+        return bad("bbox_2d holds a non-finite number")
+    if not all(0.0 <= v <= 1.0 for v in box):
+        return bad("bbox_2d must be relative coordinates between 0 and 1")
+    x0, y0, x1, y1 = box
+    if x0 >= x1 or y0 >= y1:
+        return bad("bbox_2d needs x0 < x1 and y0 < y1")
+    if not isinstance(source, str):
+        return bad("source must be a string")
+    if source != "original_image":
+        m = _SOURCE.fullmatch(source)
+        if not m:
+            return bad(f"unknown source {source[:40]!r}: use original_image or observation_i")
+        if image_sizes is not None and int(m.group(1)) >= len(image_sizes):
+            return bad(f"{source} does not exist yet ({len(image_sizes) - 1} observations so far)")
+    w, h = (1.0, 1.0)
+    if image_sizes is not None:
+        w, h = image_sizes[0 if source == "original_image" else int(source.split("_")[1])]
+    bw, bh = (x1 - x0) * w, (y1 - y0) * h
+    if max(bw / bh, bh / bw) > MAX_ASPECT:
+        return bad(f"the box's aspect ratio is above {MAX_ASPECT:g}")
+    return Action("zoom", bbox=box, source=source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel budget and the crop tool.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Budget:
+    """Qwen2.5-VL's rule: sides are multiples of 28, total pixels within [min_pixels, max_pixels]."""
+    min_pixels: int
+    max_pixels: int
+    factor: int = 28
+    min_side: int = 28   # a crop box is grown to at least this many source pixels a side
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of this size is resized to before the vision tower."""
+        f = self.factor
+        if max(width, height) / min(width, height) > 200:
+            raise ValueError(f"aspect ratio of {width}x{height} is above 200")
+        h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
+        if h * w > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h = max(f, math.floor(height / beta / f) * f)
+            w = max(f, math.floor(width / beta / f) * f)
+        elif h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+        return w, h
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        size = self.size(*image.size)
+        return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+
+def pixel_box(bbox: list[float], width: int, height: int, min_side: int = 28) -> tuple[int, int, int, int]:
+    """Relative box -> integer pixel box of a width x height image, grown to min_side if smaller."""
+    x0, x1 = math.floor(bbox[0] * width), math.ceil(bbox[2] * width)
+    y0, y1 = math.floor(bbox[1] * height), math.ceil(bbox[3] * height)
+
+    def grow(a, b, size):
+        need = min(min_side, size) - (b - a)
+        if need > 0:
+            a -= need // 2
+            b += need - need // 2
+            a, b = (0, b - a) if a < 0 else (a, b)
+            a, b = (a - (b - size), size) if b > size else (a, b)
+        return max(0, a), min(size, b)
+
+    x0, x1 = grow(x0, x1, width)
+    y0, y1 = grow(y0, y1, height)
+    return x0, y0, x1, y1
+
+
+class Episode:
+    """One search: the original image, every crop taken so far, and the turn count.
+
+    `images[0]` is the original at full resolution and `images[i]` is observation_i, the
+    full-resolution region cut from its source; `boxes[i]` is where it lies in the original (pixels).
+    `shown[i]` is what the model sees: the same image resized to the pixel budget.
+    """
+
+    def __init__(self, image: Image.Image, budget: Budget):
+        self.budget = budget
+        self.images = [image.convert("RGB")]
+        self.boxes = [(0, 0, image.width, image.height)]
+        self.shown = [budget.resize(self.images[0])]
+        self.crops: list[dict] = []   # one per zoom: source, relative bbox, pixel box in the original
+        self.actions = 0              # assistant turns that asked for a tool call
+        self.errors = 0
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return [im.size for im in self.images]
+
+    def parse(self, text: str) -> Action:
+        return parse_action(text, self.sizes())
+
+    def apply(self, action: Action) -> tuple[str, Image.Image | None]:
+        """Carry out a zoom (or report an invalid call): returns (user turn text, new image or None)."""
+        index = self.actions
+        self.actions += 1
+        if action.kind == "zoom":
+            src = action.source_index
+            image = self.images[src]
+            x0, y0, x1, y1 = pixel_box(action.bbox, *image.size, self.budget.min_side)
+            crop = image.crop((x0, y0, x1, y1))
+            ox, oy = self.boxes[src][:2]     # crops keep full resolution: offsets just add
+            self.images.append(crop)
+            self.boxes.append((ox + x0, oy + y0, ox + x1, oy + y1))
+            self.shown.append(self.budget.resize(crop))
+            self.crops.append({"source": action.source, "bbox": action.bbox,
+                               "pixel_box": list(self.boxes[-1])})
+            return observation_text(index, len(self.images) - 1), self.shown[-1]
+        self.errors += 1
+        return error_text(action.error or "invalid call"), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens. A conversation is a list of chunks; each chunk is text with one <|image_pad|> per image,
+# expanded here to the number of tokens the image takes. Training and the engine both go
+# through `encode_chunk`, so they see the same ids for the same text.
+# ----------------------------------------------------------------------------------------------
+def image_token_count(shown: Image.Image, merge: int = 2, patch: int = 14) -> int:
+    return (shown.width // patch) * (shown.height // patch) // (merge * merge)
+
+
+def encode_chunk(tokenizer, text: str, image_tokens: list[int] = ()) -> list[int]:
+    parts = text.split("<|image_pad|>")
+    if len(parts) - 1 != len(image_tokens):
+        raise ValueError(f"chunk has {len(parts) - 1} image placeholders but {len(image_tokens)} images")
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if part:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+        if i < len(image_tokens):
+            ids += [pad] * image_tokens[i]
+    return ids
+
+
+def rope_positions(ids: list[int], grids: list[tuple[int, int, int]], start: int,
+                   image_token_id: int, merge: int = 2) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions (3, len(ids)) of a chunk that begins at position `start`.
+
+    Text advances all three axes by one. An image's tokens get (t, h, w) = start + its grid
+    coordinates, and text after it resumes at start + max(grid_h, grid_w): the rule of
+    Qwen2.5-VL's get_rope_index, applied chunk by chunk so a cached row can be continued.
+    Returns the positions and the start of whatever follows.
+    """
+    pos = torch.empty(3, len(ids), dtype=torch.long)
+    i, p, g = 0, start, 0
+    n = len(ids)
+    while i < n:
+        if ids[i] != image_token_id:
+            pos[:, i] = p
+            i, p = i + 1, p + 1
+            continue
+        t, h, w = grids[g]
+        g += 1
+        h, w = h // merge, w // merge
+        count = t * h * w
+        tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w).reshape(-1)
+        hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).reshape(-1)
+        ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).reshape(-1)
+        pos[:, i:i + count] = torch.stack([tt, hh, ww]) + p
+        i, p = i + count, p + max(h, w)
+    if g != len(grids):
+        raise ValueError(f"{len(grids)} images given but {g} found in the tokens")
+    return pos, p
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and processor.
+# ----------------------------------------------------------------------------------------------
+class Processor:
+    """Tokenizer + image processor of a checkpoint (no video: this project needs none)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        size = image_processor.size
+        self.budget = Budget(min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]))
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.merge = int(image_processor.merge_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+
+    def save_pretrained(self, path: str | os.PathLike):
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    def pixels(self, shown: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values (patches, dim) and image_grid_thw (n, 3) of images already at budget size."""
+        out = self.image_processor(images=shown, do_resize=False, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype=None, seed: int = 0):
+    """(model, processor) for "tiny" (random init), "tiny-base", a local folder or a hub name."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    if name_or_path == "tiny":
+        model, processor = build_tiny(seed)
+        return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
+    if name_or_path == "tiny-base":
+        name_or_path = str(TINY_BASE)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    kwargs = {}
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            kwargs["attn_implementation"] = "flash_attention_2"
+        except ImportError:
+            kwargs["attn_implementation"] = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    return model.to(device).eval(), Processor.from_pretrained(name_or_path)
+
+
+# The tiny default: the real Qwen2.5-VL class from a small config, and a byte-level BPE tokenizer
+# trained here, offline, on the protocol's own text (so tags and coordinates are few tokens).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>"]
+TINY_VOCAB = 1024
+# max 230² (not 224²): Qwen's rule floors side/beta, so exactly 224² can give 196 px for a large square
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 112 * 112, 230 * 230
+# Pieces the BPE pre-tokenizer keeps whole: tags, decimals (" 0.375"), words, single digits.
+_PRETOKENIZE = (r"</?[a-z_]+>| ?\d+\.\d+|'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}<]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}<]+[\r\n]*|<|\s*[\r\n]+|\s+(?!\S)|\s+")
+WORDS = {"colours": ["red", "green", "blue", "yellow"],
+         "shapes": ["circle", "square", "triangle", "diamond"],
+         "glyphs": list("0123456789AEHKPX")}
+
+
+def _tokenizer_corpus() -> list[str]:
+    rnd = random.Random(0)
+    grid = [f"{i / 8:.3f}" for i in range(9)] + [f"{i / 100:.2f}" for i in range(101)]
+    texts = [SYSTEM_PROMPT, PLAIN_SYSTEM_PROMPT] + [observation_text(t, t + 1) for t in range(40)]
+    texts += [error_text(r) for r in ("the grounding call is not valid JSON", "bbox_2d needs x0 < x1 and y0 < y1",
+                                      "unknown source", "observation_3 does not exist yet")]
+    for _ in range(3000):
+        c, s, g = rnd.choice(WORDS["colours"]), rnd.choice(WORDS["shapes"]), rnd.choice(WORDS["glyphs"])
+        box = ", ".join(rnd.choice(grid) for _ in range(4))
+        texts += [f"What is the character printed on the {c} {s}?",
+                  f"<think>The {c} objects: [{box}]. I will check them one by one.</think>\n"
+                  f"<grounding>{{\"bbox_2d\": [{box}], \"source\": \"original_image\"}}</grounding>",
+                  f"<think>This is a {c} {s} with the character {g}. It is the {c} {s}.</think>\n"
+                  f"<answer>{g}</answer>",
+                  f"The {c} {s} is at [{box}]. Its colour is {c} and its shape is {s}."]
+    return texts
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:])
+
+
+def tiny_config(tokenizer, **overrides):
+    from transformers import Qwen2_5_VLConfig
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+                tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
+                  fullatt_block_indexes=[1, 3], window_size=112)
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, **overrides)
+
+
+def build_tiny(seed: int = 0, patch_init_std: float = 0.1, **overrides):
+    """A randomly initialised tiny Qwen2.5-VL and its processor (seeded, offline)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    tokenizer = build_tiny_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **overrides))
+    with torch.no_grad():   # a larger patch-embedding init lets colour reach the LM early (NOTES)
+        model.model.visual.patch_embed.proj.weight.normal_(0.0, patch_init_std)
+    return model, Processor(tokenizer, image_processor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: JSONL with line-numbered errors; everything written to a temporary name, then renamed.
+# ----------------------------------------------------------------------------------------------
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_image(row: dict, root: str | os.PathLike) -> Image.Image:
+    """The record's (first) image; relative paths are taken from `root`, the data file's folder."""
+    try:
+        path = Path(root) / row["images"][0]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"record {row.get('doc_id', '?')}: field 'images' must be a non-empty list") from None
+    if not path.exists():
+        raise FileNotFoundError(f"record {row.get('doc_id', '?')}: image {path} not found")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; on success it replaces `path` (file or folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(path.name + f".old{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, path)
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def save_checkpoint(model, processor, path: str | os.PathLike, extra: dict[str, object] | None = None):
+    """save_pretrained into a temporary folder, then rename it into place; `extra` maps file
+    names to objects saved with torch.save (optimizer state, schedule, RNG) or text."""
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            if isinstance(obj, str):
+                (tmp / name).write_text(obj)
+            else:
+                torch.save(obj, tmp / name)

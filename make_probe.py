@@ -1,0 +1,396 @@
+"""Stage 0: synthetic Visual-Probe-style data, base perception data, and benchmark converters.
+
+    python make_probe.py --out data/probe --n-train 600 --n-test 90 --seed 1
+    python make_probe.py --base --out data/base --n-test 300 --seed 7
+    python make_probe.py --from visualprobe FILE.json --images DIR --out data/vp_hard
+    python make_probe.py --from vstar DIR --out data/vstar
+    python make_probe.py --from hrbench FILE.tsv --out data/hr4k
+
+A probe image is a large canvas (768-1536 px) with a faint colour gradient, clutter, and objects
+(coloured circles, squares, triangles, diamonds), each carrying a character. The question asks for
+the character on one of them ("the red triangle"); the look-alikes share its colour, so in the
+overview they are blobs of the same colour and only a zoom tells the shapes and the characters
+apart. The objects sit one per cell of an 8 x 8 grid (one overview token each at the default
+budget), jittered within the cell.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from common import WORDS, atomic_path, write_jsonl, read_jsonl, Budget, TINY_MIN_PIXELS, TINY_MAX_PIXELS
+
+GRID = 8
+COLOURS = {"red": (214, 40, 40), "green": (36, 150, 60), "blue": (40, 80, 214), "yellow": (236, 196, 24)}
+SHAPES = WORDS["shapes"]
+GLYPHS = WORDS["glyphs"]
+# A 5 x 7 bitmap font: crisp at any integer scale, the same bytes on every machine.
+FONT = {
+    "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
+    "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11110 00001 00001 01110 00001 00001 11110",
+    "4": "00010 00110 01010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 00001 10001 01110",
+    "6": "00110 01000 10000 11110 10001 10001 01110", "7": "11111 00001 00010 00100 01000 01000 01000",
+    "8": "01110 10001 10001 01110 10001 10001 01110", "9": "01110 10001 10001 01111 00001 00010 01100",
+    "A": "01110 10001 10001 11111 10001 10001 10001", "E": "11111 10000 10000 11110 10000 10000 11111",
+    "H": "10001 10001 10001 11111 10001 10001 10001", "K": "10001 10010 10100 11000 10100 10010 10001",
+    "P": "11110 10001 10001 11110 10000 10000 10000", "X": "10001 10001 01010 00100 01010 10001 10001",
+}
+# Difficulty knobs: canvas size, object size (px), look-alikes (same colour, other shape) and
+# other distractor objects (ranges, inclusive), clutter marks.
+LEVELS = {
+    "easy":   dict(size=768,  obj=64, lookalikes=(1, 2), distractors=(5, 8),   clutter=60),
+    "medium": dict(size=1024, obj=48, lookalikes=(3, 5), distractors=(8, 12),  clutter=120),
+    "hard":   dict(size=1536, obj=48, lookalikes=(6, 9), distractors=(12, 18), clutter=240),
+}
+QUESTION = "What is the character printed on the {colour} {shape}?"
+BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)   # the tiny default; used for the stats table
+_GRADIENTS: dict[int, np.ndarray] = {}
+
+
+def background(size: int) -> np.ndarray:
+    """A faint gradient (red rises left to right, blue top to bottom): every place looks a bit
+    different, which gives a small vision tower a cue of absolute position."""
+    if size not in _GRADIENTS:
+        ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+        img = np.empty((size, size, 3), np.float32)
+        img[..., 0] = 150 + 80 * ramp[None, :]
+        img[..., 1] = 170 + 10 * (ramp[None, :] + ramp[:, None])
+        img[..., 2] = 150 + 80 * ramp[:, None]
+        _GRADIENTS[size] = img.round().astype(np.uint8)
+    return _GRADIENTS[size]
+
+
+def draw_glyph(draw: ImageDraw.ImageDraw, char: str, cx: float, cy: float, scale: int, fill):
+    rows = FONT[char].split()
+    x0, y0 = round(cx - 2.5 * scale), round(cy - 3.5 * scale)
+    for r, row in enumerate(rows):
+        for c, bit in enumerate(row):
+            if bit == "1":
+                draw.rectangle([x0 + c * scale, y0 + r * scale, x0 + (c + 1) * scale - 1,
+                                y0 + (r + 1) * scale - 1], fill=fill)
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: dict):
+    x0, y0, x1, y1 = obj["box"]
+    colour = COLOURS[obj["colour"]]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if obj["shape"] == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
+    elif obj["shape"] == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
+    elif obj["shape"] == "triangle":
+        draw.polygon([(cx, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
+        cy = y0 + 0.64 * (y1 - y0)   # the glyph sits in the wide part
+    else:  # diamond
+        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=colour)
+    scale = max(1, (x1 - x0) // 16)
+    ink = (20, 20, 20) if obj["colour"] == "yellow" else (250, 250, 250)
+    draw_glyph(draw, obj["glyph"], cx, cy, scale, ink)
+
+
+def cell_box(cell: int, size: int) -> list[float]:
+    """Relative box of one grid cell (row-major index)."""
+    r, c = divmod(cell, GRID)
+    return [c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID]
+
+
+def scene(rng: np.random.Generator, size: int, obj: int, objects: list[tuple[str, str]], clutter: int):
+    """Draw a scene: `objects` is a list of (colour, shape); each gets a random cell and glyph.
+    Returns the image and the objects with their pixel boxes, cells and glyphs."""
+    img = Image.fromarray(background(size).copy())
+    draw = ImageDraw.Draw(img)
+    cell_px = size / GRID
+    for _ in range(clutter):   # muted marks: lines, dots and frames, never an object's colour
+        x, y = rng.uniform(0, size, 2)
+        tone = tuple(int(v) for v in rng.integers(70, 190, 3))
+        kind = rng.integers(3)
+        if kind == 0:
+            a = rng.uniform(0, 2 * math.pi)
+            ln = rng.uniform(0.2, 0.8) * obj
+            draw.line([x, y, x + ln * math.cos(a), y + ln * math.sin(a)], fill=tone, width=int(rng.integers(1, 3)))
+        elif kind == 1:
+            r = rng.uniform(1.5, 0.08 * obj)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tone)
+        else:
+            w = rng.uniform(0.2, 0.5) * obj
+            draw.rectangle([x, y, x + w, y + 0.6 * w], outline=tone)
+    cells = rng.choice(GRID * GRID, size=len(objects), replace=False)
+    placed = []
+    margin = max(2, int(0.06 * cell_px))
+    for (colour, shape), cell in zip(objects, cells):
+        r, c = divmod(int(cell), GRID)
+        slack = int(cell_px - obj - 2 * margin)
+        x0 = int(c * cell_px) + margin + int(rng.integers(0, slack + 1))
+        y0 = int(r * cell_px) + margin + int(rng.integers(0, slack + 1))
+        o = {"colour": colour, "shape": shape, "glyph": str(rng.choice(GLYPHS)), "cell": int(cell),
+             "box": [x0, y0, x0 + obj, y0 + obj]}
+        draw_object(draw, o)
+        placed.append(o)
+    return img, placed
+
+
+def probe_sample(rng: np.random.Generator, level: str):
+    """One visual-search question: (image, record fields, objects). objects[0] is the target."""
+    k = LEVELS[level]
+    colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+    n_look = int(rng.integers(k["lookalikes"][0], k["lookalikes"][1] + 1))
+    n_dis = int(rng.integers(k["distractors"][0], k["distractors"][1] + 1))
+    others = [s for s in SHAPES if s != shape]
+    objects = [(colour, shape)] + [(colour, str(rng.choice(others))) for _ in range(n_look)]
+    other_colours = [c for c in COLOURS if c != colour]
+    objects += [(str(rng.choice(other_colours)), str(rng.choice(SHAPES))) for _ in range(n_dis)]
+    img, placed = scene(rng, k["size"], k["obj"], objects, k["clutter"])
+    fields = {"problem": "<image>\n" + QUESTION.format(colour=colour, shape=shape),
+              "solution": placed[0]["glyph"], "difficulty": level, "target_bbox": placed[0]["box"],
+              "n_lookalikes": n_look, "n_distractors": n_dis}
+    return img, fields, placed
+
+
+def level_stats(level: str, budget: Budget = BUDGET) -> dict:
+    """Pixel sizes that decide readability: the target and its glyph in the overview and in a
+    one-cell crop, at the given budget."""
+    k = LEVELS[level]
+    over = budget.size(k["size"], k["size"])[0] / k["size"]
+    cell = k["size"] // GRID
+    crop = budget.size(cell, cell)[0] / cell
+    glyph = 7 * max(1, k["obj"] // 16)   # glyph height
+    return {"image": k["size"], "object": k["obj"], "object_overview": k["obj"] * over,
+            "glyph_overview": glyph * over, "glyph_crop": glyph * crop, "crop_side": budget.size(cell, cell)[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Base mode: single-turn perception tasks for pretraining the tiny model (a curriculum).
+# Each sample is (image, question, answer text) rendered like the later stages render a turn.
+# ----------------------------------------------------------------------------------------------
+BASE_TASKS = ["describe", "read", "locate", "list", "find"]
+
+
+def fmt_box(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
+
+
+def describe_object(o: dict) -> str:
+    return f"a {o['colour']} {o['shape']} with the character {o['glyph']}"
+
+
+def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET):
+    """One perception sample at the pixel budget the pipeline uses.
+
+    describe: a one-cell crop around an object -> its colour, shape and character
+    read:     the same crop, asked for the character only (answer: the glyph)
+    locate:   an overview with one object -> the box of its cell
+    list:     an overview with many objects -> the boxes of all objects of one colour, in reading order
+    find:     an easy overview (shapes visible) -> the box of "the <colour> <shape>"
+    """
+    level = str(rng.choice(list(LEVELS)))
+    if task in ("describe", "read"):
+        img, fields, placed = probe_sample(rng, level)
+        o = placed[int(rng.integers(len(placed)))]
+        size = LEVELS[level]["size"]
+        crop = img.crop([int(v * size) for v in cell_box(o["cell"], size)])
+        if task == "describe":
+            return budget.resize(crop), "What is in this image?", f"It is {describe_object(o)}."
+        return budget.resize(crop), f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"]
+    if task == "locate":
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        k = LEVELS[level]
+        img, placed = scene(rng, k["size"], k["obj"], [(colour, shape)], k["clutter"])
+        return (budget.resize(img), f"Where is the {colour} {shape}? Give its box.",
+                f"The {colour} {shape} is at {fmt_box(cell_box(placed[0]['cell'], k['size']))}.")
+    if task == "list":
+        img, fields, placed = probe_sample(rng, level)
+        colour = placed[int(rng.integers(len(placed)))]["colour"]
+        cells = sorted(o["cell"] for o in placed if o["colour"] == colour)
+        boxes = ", ".join(fmt_box(cell_box(c, img.width)) for c in cells)
+        return budget.resize(img), f"Where are the {colour} objects?", f"The {colour} objects: {boxes}."
+    if task == "find":
+        img, fields, placed = probe_sample(rng, "easy")
+        o = placed[int(rng.integers(len(placed)))]
+        matches = [p for p in placed if p["colour"] == o["colour"] and p["shape"] == o["shape"]]
+        if len(matches) > 1:   # ask only about a unique object
+            o = placed[0]
+        return (budget.resize(img), f"Where is the {o['colour']} {o['shape']}? Give its box.",
+                f"The {o['colour']} {o['shape']} is at {fmt_box(cell_box(o['cell'], img.width))}.")
+    raise ValueError(f"unknown base task {task!r}; choose from {BASE_TASKS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing splits.
+# ----------------------------------------------------------------------------------------------
+SPLIT_IDS = {"train": 1, "test": 2, "base_train": 3, "base_test": 4}
+
+
+def write_probe(out: Path, n_train: int, n_test: int, seed: int) -> dict:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            level = list(LEVELS)[i % 3]    # test is balanced; train cycles the levels too
+            rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
+            img, fields, _ = probe_sample(rng, level)
+            name = f"images/{split}_{i:06d}.png"
+            with atomic_path(out / name) as tmp:
+                img.save(tmp, format="PNG")
+            rows.append({"images": [name], **{k: fields[k] for k in ("problem", "solution")},
+                         "data_source": "synthetic_probe", "doc_id": f"{split}-{seed}-{i:06d}", **fields})
+        write_jsonl(out / f"{split}.jsonl", rows)
+        summary[split] = rows
+    return summary
+
+
+def write_base(out: Path, n_train: int, n_test: int, seed: int):
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in (("base_train", n_train), ("base_test", n_test)):
+        rows = []
+        for i in range(n):
+            task = BASE_TASKS[i % len(BASE_TASKS)]
+            img, question, answer = base_sample(np.random.default_rng([seed, SPLIT_IDS[split], i]), task)
+            name = f"images/{split}_{i:06d}.png"
+            with atomic_path(out / name) as tmp:
+                img.save(tmp, format="PNG")
+            rows.append({"images": [name], "problem": "<image>\n" + question, "solution": answer,
+                         "data_source": "synthetic_base", "doc_id": f"{split}-{seed}-{i:06d}", "task": task})
+        write_jsonl(out / f"{split}.jsonl", rows)
+        print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
+
+
+def print_table(summary: dict):
+    print(f"{'split':6} {'level':7} {'n':>4} {'image':>6} {'object':>6} {'obj@overview':>12} "
+          f"{'glyph@overview':>14} {'glyph@crop':>10} {'look-alikes':>11} {'distractors':>11}")
+    for split, rows in summary.items():
+        for level in LEVELS:
+            sel = [r for r in rows if r["difficulty"] == level]
+            if not sel:
+                continue
+            s = level_stats(level)
+            print(f"{split:6} {level:7} {len(sel):4d} {s['image']:6d} {s['object']:6d} "
+                  f"{s['object_overview']:10.1f}px {s['glyph_overview']:12.1f}px {s['glyph_crop']:8.1f}px "
+                  f"{np.mean([r['n_lookalikes'] for r in sel]):11.1f} {np.mean([r['n_distractors'] for r in sel]):11.1f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Converters of real benchmark files into the same records.
+# ----------------------------------------------------------------------------------------------
+def from_visualprobe(path: Path, images: Path, out: Path, difficulty: str | None) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    rows = []
+    for i, r in enumerate(data):
+        for key in ("images", "problem", "solution"):
+            if key not in r:
+                raise ValueError(f"{path}: record {i} has no field {key!r}")
+        rows.append({"images": [str((images / p).resolve()) for p in r["images"]], "problem": r["problem"],
+                     "solution": str(r["solution"]), "data_source": r.get("data_source", "visualprobe"),
+                     "doc_id": str(r.get("doc_id", i)), "difficulty": r.get("difficulty", difficulty or "unknown")})
+    return rows
+
+
+def _mc_problem(question: str, options: list[str]) -> str:
+    letters = "ABCDEFGH"
+    lines = "\n".join(f"({letters[i]}) {o}" for i, o in enumerate(options))
+    return f"<image>\n{question}\n{lines}\nAnswer with the option's letter from the given choices directly."
+
+
+def from_vstar(root: Path, seed: int) -> list[dict]:
+    rows = []
+    for category in ("direct_attributes", "relative_position"):
+        folder = root / category
+        if not folder.is_dir():
+            continue
+        for meta in sorted(folder.glob("*.json")):
+            try:
+                m = json.loads(meta.read_text(encoding="utf-8"))
+                question, options = m["question"], list(m["options"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{meta}: not a V* annotation ({e})") from None
+            image = next((p for p in folder.glob(meta.stem + ".*") if p.suffix.lower() != ".json"), None)
+            if image is None:
+                raise ValueError(f"{meta}: no image beside it")
+            # the raw files always list the right option first: shuffle with a fixed seed
+            order = np.random.default_rng([seed, len(rows)]).permutation(len(options))
+            shuffled = [options[j] for j in order]
+            rows.append({"images": [str(image.resolve())], "problem": _mc_problem(question, shuffled),
+                         "solution": "ABCDEFGH"[int(np.where(order == 0)[0][0])], "options": shuffled,
+                         "data_source": "vstar", "doc_id": f"{category}/{meta.stem}", "difficulty": category})
+    if not rows:
+        raise ValueError(f"{root}: no direct_attributes/ or relative_position/ annotations found")
+    return rows
+
+
+def from_hrbench(path: Path, out: Path) -> list[dict]:
+    import csv
+    csv.field_size_limit(1 << 30)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        need = {"index", "question", "answer", "A", "B", "C", "D", "category", "image"}
+        if not need <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: missing columns {sorted(need - set(reader.fieldnames or []))}")
+        for lineno, r in enumerate(reader, 2):
+            try:
+                data = base64.b64decode(r["image"], validate=True)
+                img = Image.open(io.BytesIO(data))
+                img.load()
+            except Exception as e:
+                raise ValueError(f"{path}:{lineno}: column 'image' is not a base64 image ({e})") from None
+            name = f"images/hr_{r['index']}.{(img.format or 'png').lower()}"
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(data)
+            options = [r[k] for k in "ABCD"]
+            rows.append({"images": [name], "problem": _mc_problem(r["question"], options),
+                         "solution": r["answer"].strip(), "options": options, "data_source": "hrbench",
+                         "doc_id": str(r["index"]), "difficulty": r["category"],
+                         "cycle_category": r.get("cycle_category", "")})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/tiny/probe", help="folder for *.jsonl and images/")
+    ap.add_argument("--n-train", type=int, default=600)
+    ap.add_argument("--n-test", type=int, default=90)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--base", action="store_true", help="write single-turn perception data instead")
+    ap.add_argument("--from", dest="source", choices=["visualprobe", "vstar", "hrbench"])
+    ap.add_argument("input", nargs="?", help="the benchmark file or folder to convert (with --from)")
+    ap.add_argument("--images", help="VisualProbe's image folder")
+    ap.add_argument("--difficulty", help="VisualProbe split name to record (easy/medium/hard)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    t0 = time.time()
+    if args.source:
+        if not args.input:
+            ap.error("--from needs the input file or folder")
+        src = Path(args.input)
+        if args.source == "visualprobe":
+            rows = from_visualprobe(src, Path(args.images or src.parent), out, args.difficulty)
+        elif args.source == "vstar":
+            rows = from_vstar(src, args.seed)
+        else:
+            rows = from_hrbench(src, out)
+        write_jsonl(out / "test.jsonl", rows)
+        print(f"wrote {len(rows)} records to {out / 'test.jsonl'} in {time.time() - t0:.1f}s")
+        return
+    if args.base:
+        write_base(out, args.n_train, args.n_test, args.seed)
+    else:
+        print_table(write_probe(out, args.n_train, args.n_test, args.seed))
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Stage 2: supervised fine-tuning (and the tiny base model's perception pretraining).
+
+    python sft.py                                   # cold-start SFT: runs/tiny/coldstart.jsonl -> runs/tiny/sft
+    python sft.py --base --init tiny --out checkpoints/tiny-base    # pretrain the tiny base from scratch
+
+Each trajectory is replayed through the same Episode and chunk encoder as the engine, so the
+tokens trained on are exactly those the engine would produce for it. Only assistant tokens carry
+a loss: the prompt, the observation turns and the image tokens are masked out, by position.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Episode, append_jsonl, encode_chunk,
+                    image_token_count, load, prompt_text, read_jsonl, rope_positions, save_checkpoint,
+                    seed_everything, tool_turn_text, load_image)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectory -> tokens
+# ----------------------------------------------------------------------------------------------
+def render(image: Image.Image, problem: str, turns: list[str], processor, system: str = SYSTEM_PROMPT,
+           closed: bool = True) -> dict:
+    """Tokens of a whole conversation: `turns` are the assistant texts, in order.
+
+    After every turn but the last, the turn's action is carried out exactly as the engine does it
+    (a zoom adds an observation turn with the crop, an invalid call an error turn). The last turn
+    ends with <|im_end|> when `closed` (the model's own end of message).
+    Returns ids, a boolean mask of assistant tokens, and the images as shown to the model.
+    """
+    tok = processor.tokenizer
+    episode = Episode(image, processor.budget)
+    ids = encode_chunk(tok, prompt_text(problem, system), [image_token_count(episode.shown[0])])
+    mask = [False] * len(ids)
+    for i, text in enumerate(turns):
+        piece = encode_chunk(tok, text)
+        last = i == len(turns) - 1
+        if last and closed:
+            piece += [tok.convert_tokens_to_ids(IM_END)]
+        ids += piece
+        mask += [True] * len(piece)
+        if last:
+            break
+        action = episode.parse(text)
+        if action.kind not in ("zoom", "invalid"):
+            raise ValueError(f"turn {i} of {len(turns)} has no tool call, so the episode would end there")
+        user, new = episode.apply(action)
+        piece = encode_chunk(tok, tool_turn_text(user), [image_token_count(new)] if new else [])
+        ids += piece
+        mask += [False] * len(piece)
+    return {"ids": ids, "mask": mask, "shown": episode.shown, "crops": episode.crops}
+
+
+def collate(samples: list[dict], processor, device) -> dict:
+    """Right-padded batch with M-RoPE positions; padding and non-assistant tokens get no loss."""
+    pad = processor.tokenizer.pad_token_id
+    n = max(len(s["ids"]) for s in samples)
+    ids = torch.full((len(samples), n), pad, dtype=torch.long)
+    loss_mask = torch.zeros(len(samples), n, dtype=torch.bool)
+    attn = torch.zeros(len(samples), n, dtype=torch.long)
+    pos = torch.zeros(3, len(samples), n, dtype=torch.long)
+    shown = [im for s in samples for im in s["shown"]]
+    pixel_values, grids = processor.pixels(shown)
+    g = 0
+    for b, s in enumerate(samples):
+        k = len(s["ids"])
+        ids[b, :k] = torch.tensor(s["ids"])
+        loss_mask[b, :k] = torch.tensor(s["mask"])
+        attn[b, :k] = 1
+        sample_grids = [tuple(x) for x in grids[g:g + len(s["shown"])].tolist()]
+        g += len(s["shown"])
+        pos[:, b, :k] = rope_positions(s["ids"], sample_grids, 0, processor.image_token_id, processor.merge)[0]
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": pos.to(device),
+            "pixel_values": pixel_values.to(device), "image_grid_thw": grids.to(device),
+            "loss_mask": loss_mask.to(device)}
+
+
+def token_logprobs(model, batch: dict) -> torch.Tensor:
+    """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"])
+    logits = out.logits[:, :-1].float()
+    lp = torch.gather(F.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
+    return F.pad(lp, (1, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: trajectories from a JSONL file, or the base perception curriculum drawn on the fly.
+# ----------------------------------------------------------------------------------------------
+BASE_CURRICULUM = [  # (first step, task weights)
+    (0, {"describe": 0.35, "read": 0.25, "locate": 0.4}),
+    (3000, {"describe": 0.15, "read": 0.15, "locate": 0.2, "list": 0.3, "find": 0.2}),
+]
+
+
+def base_batch(step: int, size: int, seed: int, processor) -> list[dict]:
+    import make_probe
+    weights = [w for start, w in BASE_CURRICULUM if step >= start][-1]
+    rng = np.random.default_rng([seed, step])
+    tasks = rng.choice(list(weights), size=size, p=np.array(list(weights.values())) / sum(weights.values()))
+    out = []
+    for task in tasks:
+        img, question, answer = make_probe.base_sample(rng, str(task), processor.budget)
+        out.append(render(img, "<image>\n" + question, [answer], processor, system=PLAIN_SYSTEM_PROMPT))
+    return out
+
+
+def trajectory_turns(row: dict) -> list[str]:
+    return [t["text"] if isinstance(t, dict) else t for t in row["turns"]]
+
+
+def file_batch(rows: list[dict], root: Path, step: int, size: int, seed: int, processor) -> list[dict]:
+    per_epoch = max(1, len(rows) // size)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+    out = []
+    for i in order[k * size:(k + 1) * size]:
+        row = rows[int(i)]
+        system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else SYSTEM_PROMPT
+        turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
+        out.append(render(load_image(row, root), row["problem"], turns, processor, system=system))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of base records: greedy decode, then per-task accuracy.
+# ----------------------------------------------------------------------------------------------
+def score_base(task: str, pred: str, gold: str) -> float:
+    pred, gold = pred.strip(), gold.strip()
+    if task in ("locate", "find", "list", "describe", "read"):
+        return float(pred == gold)
+    return float(pred == gold)
+
+
+@torch.no_grad()
+def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens: int = 160) -> dict:
+    from infer import Engine, Sample
+    engine = Engine(model, processor)
+    samples = [Sample(image=load_image(r, root), question=r["problem"], system=PLAIN_SYSTEM_PROMPT) for r in rows]
+    results = engine.run(samples, max_turns=1, greedy=True, max_turn_tokens=max_new_tokens, progress=False)
+    per: dict[str, list[float]] = {}
+    for r, res in zip(rows, results):
+        per.setdefault(r["task"], []).append(score_base(r["task"], res.turn_texts[0].replace(IM_END, ""), r["solution"]))
+    return {t: float(np.mean(v)) for t, v in sorted(per.items())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="runs/tiny/coldstart.jsonl", help="trajectories (JSONL) to train on")
+    ap.add_argument("--base", action="store_true", help="train on the base perception curriculum, drawn on the fly")
+    ap.add_argument("--init", default="tiny-base", help="'tiny' (random), 'tiny-base', or a checkpoint folder")
+    ap.add_argument("--out", default="runs/tiny/sft")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--accum", type=int, default=1, help="gradient accumulation (micro-batches per step)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vision-lr", type=float, default=None, help="learning rate of vision tower + merger")
+    ap.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of --steps")
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
+    ap.add_argument("--eval-data", default=None, help="held-out records to score every --eval-every steps")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-n", type=int, default=150)
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    state_file = out / "trainer_state.pt"
+    resume = args.resume and state_file.exists()
+    seed_everything(args.seed)
+    model, processor = load(str(out) if resume else args.init, device=device)
+    model.train()
+    train_vision = args.train_vision or args.base
+    for p in model.model.visual.parameters():
+        p.requires_grad_(train_vision)
+    vision = [p for p in model.model.visual.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.visual.")]
+    groups = [{"params": rest, "lr": args.lr}]
+    if vision:
+        groups.append({"params": vision, "lr": args.vision_lr or args.lr})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, int(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    step = 0
+    if resume:
+        state = torch.load(state_file, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {out} at step {step}")
+    rows, root = [], None
+    if not args.base:
+        rows, root = read_jsonl(args.data), Path(args.data).parent
+        print(f"{len(rows)} trajectories from {args.data}")
+    eval_rows = read_jsonl(args.eval_data)[: args.eval_n] if args.eval_data else []
+    log = out.parent / (out.name + "_log.jsonl")
+    use_amp = device == "cuda"
+
+    def checkpoint():
+        save_checkpoint(model, processor, out, {"trainer_state.pt": {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            "torch_rng": torch.get_rng_state(), "args": vars(args)}})
+
+    bar = tqdm(total=args.steps, initial=step, desc="sft", dynamic_ncols=True)
+    t0, tokens = time.time(), 0
+    while step < args.steps:
+        opt.zero_grad(set_to_none=True)
+        total_loss, total_tokens = 0.0, 0
+        micro = []
+        for a in range(args.accum):
+            k = step * args.accum + a
+            samples = (base_batch(k, args.batch, args.seed, processor) if args.base
+                       else file_batch(rows, root, k, args.batch, args.seed, processor))
+            micro.append(collate(samples, processor, device))
+        n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+        for batch in micro:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                lp = token_logprobs(model, batch)
+            m = batch["loss_mask"].float()
+            loss = -(lp * m).sum() / n_tok
+            if not torch.isfinite(loss):
+                bar.close()
+                raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint "
+                                 f"is in {out} (step {torch.load(state_file, weights_only=False)['step'] if state_file.exists() else 'none'}).")
+            loss.backward()
+            total_loss += loss.item()
+            total_tokens += int(batch["attention_mask"].sum())
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        sched.step()
+        step += 1
+        tokens += total_tokens
+        rate = tokens / (time.time() - t0)
+        bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        record = {"step": step, "loss": total_loss, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
+                  "tokens_per_s": rate, "time": time.time()}
+        if eval_rows and (step % args.eval_every == 0 or step == args.steps):
+            model.eval()
+            acc = evaluate_base(model, processor, eval_rows, Path(args.eval_data).parent)
+            model.train()
+            record["eval"] = acc
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        append_jsonl(log, record)
+        if step % args.save_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+    print(f"saved {out} after {step} steps")
+
+
+if __name__ == "__main__":
+    main()
