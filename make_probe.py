@@ -46,7 +46,7 @@ FONT = {
 # Difficulty knobs: canvas size, object size (px), look-alikes (same colour, other shape) and
 # other distractor objects (ranges, inclusive), clutter marks.
 LEVELS = {
-    "easy":   dict(size=768,  obj=64, lookalikes=(1, 2), distractors=(5, 8),   clutter=60),
+    "easy":   dict(size=768,  obj=56, lookalikes=(1, 2), distractors=(5, 8),   clutter=60),
     "medium": dict(size=1024, obj=48, lookalikes=(3, 5), distractors=(8, 12),  clutter=120),
     "hard":   dict(size=1536, obj=48, lookalikes=(6, 9), distractors=(12, 18), clutter=240),
 }
@@ -161,9 +161,10 @@ def level_stats(level: str, budget: Budget = BUDGET) -> dict:
     over = budget.size(k["size"], k["size"])[0] / k["size"]
     cell = k["size"] // GRID
     crop = budget.size(cell, cell)[0] / cell
-    glyph = 7 * max(1, k["obj"] // 16)   # glyph height
+    dot = max(1, k["obj"] // 16)   # one dot of the 5 x 7 glyph, in image pixels
     return {"image": k["size"], "object": k["obj"], "object_overview": k["obj"] * over,
-            "glyph_overview": glyph * over, "glyph_crop": glyph * crop, "crop_side": budget.size(cell, cell)[0]}
+            "glyph_overview": 7 * dot * over, "glyph_crop": 7 * dot * crop, "dot_overview": dot * over,
+            "dot_crop": dot * crop, "crop_side": budget.size(cell, cell)[0]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,45 +182,46 @@ def describe_object(o: dict) -> str:
     return f"a {o['colour']} {o['shape']} with the character {o['glyph']}"
 
 
-def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET):
-    """One perception sample at the pixel budget the pipeline uses.
+def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, level: str | None = None):
+    """One perception sample at the pixel budget the pipeline uses: (image, question, answer, meta).
 
     describe: a one-cell crop around an object -> its colour, shape and character
-    read:     the same crop, asked for the character only (answer: the glyph)
+    read:     the same crop, asked for the character of "the <colour> <shape>" (answer: the glyph)
     locate:   an overview with one object -> the box of its cell
     list:     an overview with many objects -> the boxes of all objects of one colour, in reading order
     find:     an easy overview (shapes visible) -> the box of "the <colour> <shape>"
+    `meta` holds what scoring needs (the target's pixel box, the listed cells).
     """
-    level = str(rng.choice(list(LEVELS)))
+    level = level or str(rng.choice(list(LEVELS)))
+    k = LEVELS[level]
     if task in ("describe", "read"):
         img, fields, placed = probe_sample(rng, level)
         o = placed[int(rng.integers(len(placed)))]
-        size = LEVELS[level]["size"]
-        crop = img.crop([int(v * size) for v in cell_box(o["cell"], size)])
+        crop = img.crop([int(v * k["size"]) for v in cell_box(o["cell"], k["size"])])
+        meta = {"glyph": o["glyph"], "colour": o["colour"], "shape": o["shape"]}
         if task == "describe":
-            return budget.resize(crop), "What is in this image?", f"It is {describe_object(o)}."
-        return budget.resize(crop), f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"]
+            return budget.resize(crop), "What is in this image?", f"It is {describe_object(o)}.", meta
+        return budget.resize(crop), f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
     if task == "locate":
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-        k = LEVELS[level]
         img, placed = scene(rng, k["size"], k["obj"], [(colour, shape)], k["clutter"])
-        return (budget.resize(img), f"Where is the {colour} {shape}? Give its box.",
-                f"The {colour} {shape} is at {fmt_box(cell_box(placed[0]['cell'], k['size']))}.")
-    if task == "list":
+        o = placed[0]
+    elif task == "list":
         img, fields, placed = probe_sample(rng, level)
         colour = placed[int(rng.integers(len(placed)))]["colour"]
         cells = sorted(o["cell"] for o in placed if o["colour"] == colour)
         boxes = ", ".join(fmt_box(cell_box(c, img.width)) for c in cells)
-        return budget.resize(img), f"Where are the {colour} objects?", f"The {colour} objects: {boxes}."
-    if task == "find":
+        return budget.resize(img), f"Where are the {colour} objects?", f"The {colour} objects: {boxes}.", {"cells": cells}
+    elif task == "find":
         img, fields, placed = probe_sample(rng, "easy")
         o = placed[int(rng.integers(len(placed)))]
-        matches = [p for p in placed if p["colour"] == o["colour"] and p["shape"] == o["shape"]]
-        if len(matches) > 1:   # ask only about a unique object
-            o = placed[0]
-        return (budget.resize(img), f"Where is the {o['colour']} {o['shape']}? Give its box.",
-                f"The {o['colour']} {o['shape']} is at {fmt_box(cell_box(o['cell'], img.width))}.")
-    raise ValueError(f"unknown base task {task!r}; choose from {BASE_TASKS}")
+        if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in placed) > 1:
+            o = placed[0]   # ask only about a unique object
+    else:
+        raise ValueError(f"unknown base task {task!r}; choose from {BASE_TASKS}")
+    return (budget.resize(img), f"Where is the {o['colour']} {o['shape']}? Give its box.",
+            f"The {o['colour']} {o['shape']} is at {fmt_box(cell_box(o['cell'], img.width))}.",
+            {"target_bbox": [v / img.width for v in o["box"]]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,12 +255,12 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
         rows = []
         for i in range(n):
             task = BASE_TASKS[i % len(BASE_TASKS)]
-            img, question, answer = base_sample(np.random.default_rng([seed, SPLIT_IDS[split], i]), task)
+            img, question, answer, meta = base_sample(np.random.default_rng([seed, SPLIT_IDS[split], i]), task)
             name = f"images/{split}_{i:06d}.png"
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")
             rows.append({"images": [name], "problem": "<image>\n" + question, "solution": answer,
-                         "data_source": "synthetic_base", "doc_id": f"{split}-{seed}-{i:06d}", "task": task})
+                         "data_source": "synthetic_base", "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
         write_jsonl(out / f"{split}.jsonl", rows)
         print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
 

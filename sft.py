@@ -60,10 +60,12 @@ def render(image: Image.Image, problem: str, turns: list[str], processor, system
     return {"ids": ids, "mask": mask, "shown": episode.shown, "crops": episode.crops}
 
 
-def collate(samples: list[dict], processor, device) -> dict:
-    """Right-padded batch with M-RoPE positions; padding and non-assistant tokens get no loss."""
+def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
+    """Right-padded batch with M-RoPE positions; padding and non-assistant tokens get no loss.
+    The length is rounded up to a multiple of `multiple`: on CPU, oneDNN compiles a kernel for
+    every new matrix shape (milliseconds each), so shapes that repeat are much faster."""
     pad = processor.tokenizer.pad_token_id
-    n = max(len(s["ids"]) for s in samples)
+    n = -(-max(len(s["ids"]) for s in samples) // multiple) * multiple
     ids = torch.full((len(samples), n), pad, dtype=torch.long)
     loss_mask = torch.zeros(len(samples), n, dtype=torch.bool)
     attn = torch.zeros(len(samples), n, dtype=torch.long)
@@ -103,16 +105,19 @@ BASE_CURRICULUM = [  # (first step, task weights)
 ]
 
 
-def base_batch(step: int, size: int, seed: int, processor) -> list[dict]:
+def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None) -> tuple[str, list[dict]]:
+    """A micro-batch of one base task at one difficulty level (so image sizes, and with them the
+    matrix shapes, repeat from batch to batch)."""
     import make_probe
-    weights = [w for start, w in BASE_CURRICULUM if step >= start][-1]
+    weights = weights or [w for start, w in BASE_CURRICULUM if step >= start][-1]
     rng = np.random.default_rng([seed, step])
-    tasks = rng.choice(list(weights), size=size, p=np.array(list(weights.values())) / sum(weights.values()))
+    task = str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
+    level = str(rng.choice(list(make_probe.LEVELS)))
     out = []
-    for task in tasks:
-        img, question, answer = make_probe.base_sample(rng, str(task), processor.budget)
+    for _ in range(size):
+        img, question, answer, _ = make_probe.base_sample(rng, task, processor.budget, level)
         out.append(render(img, "<image>\n" + question, [answer], processor, system=PLAIN_SYSTEM_PROMPT))
-    return out
+    return task, out
 
 
 def trajectory_turns(row: dict) -> list[str]:
@@ -135,11 +140,22 @@ def file_batch(rows: list[dict], root: Path, step: int, size: int, seed: int, pr
 # ----------------------------------------------------------------------------------------------
 # Evaluation of base records: greedy decode, then per-task accuracy.
 # ----------------------------------------------------------------------------------------------
-def score_base(task: str, pred: str, gold: str) -> float:
-    pred, gold = pred.strip(), gold.strip()
-    if task in ("locate", "find", "list", "describe", "read"):
-        return float(pred == gold)
-    return float(pred == gold)
+def _boxes(text: str) -> list[list[float]]:
+    import re
+    return [[float(v) for v in m.split(",")] for m in re.findall(r"\[([0-9., ]+)\]", text)
+            if len(m.split(",")) == 4]
+
+
+def score_base(row: dict, pred: str) -> float:
+    """read/describe/list: exact answer; locate/find: the box given contains the target's box."""
+    pred = pred.strip()
+    if row["task"] in ("locate", "find"):
+        boxes = _boxes(pred)
+        if not boxes:
+            return 0.0
+        (x0, y0, x1, y1), (t0, u0, t1, u1) = boxes[0], row["target_bbox"]
+        return float(x0 <= t0 + 1e-3 and y0 <= u0 + 1e-3 and x1 >= t1 - 1e-3 and y1 >= u1 - 1e-3)
+    return float(pred == row["solution"].strip())
 
 
 @torch.no_grad()
@@ -150,7 +166,7 @@ def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens
     results = engine.run(samples, max_turns=1, greedy=True, max_turn_tokens=max_new_tokens, progress=False)
     per: dict[str, list[float]] = {}
     for r, res in zip(rows, results):
-        per.setdefault(r["task"], []).append(score_base(r["task"], res.turn_texts[0].replace(IM_END, ""), r["solution"]))
+        per.setdefault(r["task"], []).append(score_base(r, res.turn_texts[0].replace(IM_END, "")))
     return {t: float(np.mean(v)) for t, v in sorted(per.items())}
 
 
@@ -171,6 +187,7 @@ def main():
     ap.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of --steps")
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
+    ap.add_argument("--tasks", default=None, help="base task weights, e.g. read:1,locate:2 (default: the curriculum)")
     ap.add_argument("--eval-data", default=None, help="held-out records to score every --eval-every steps")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=150)
@@ -213,6 +230,9 @@ def main():
         rows, root = read_jsonl(args.data), Path(args.data).parent
         print(f"{len(rows)} trajectories from {args.data}")
     eval_rows = read_jsonl(args.eval_data)[: args.eval_n] if args.eval_data else []
+    weights = {k: float(v) for k, v in (p.split(":") for p in args.tasks.split(","))} if args.tasks else None
+    if weights:
+        eval_rows = [r for r in eval_rows if r.get("task") in weights]
     log = out.parent / (out.name + "_log.jsonl")
     use_amp = device == "cuda"
 
@@ -226,11 +246,13 @@ def main():
     while step < args.steps:
         opt.zero_grad(set_to_none=True)
         total_loss, total_tokens = 0.0, 0
-        micro = []
+        micro, task = [], None
         for a in range(args.accum):
             k = step * args.accum + a
-            samples = (base_batch(k, args.batch, args.seed, processor) if args.base
-                       else file_batch(rows, root, k, args.batch, args.seed, processor))
+            if args.base:
+                task, samples = base_batch(k, args.batch, args.seed, processor, weights)
+            else:
+                samples = file_batch(rows, root, k, args.batch, args.seed, processor)
             micro.append(collate(samples, processor, device))
         n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
         for batch in micro:
@@ -253,7 +275,7 @@ def main():
         rate = tokens / (time.time() - t0)
         bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
-        record = {"step": step, "loss": total_loss, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
+        record = {"step": step, "task": task, "loss": total_loss, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
                   "tokens_per_s": rate, "time": time.time()}
         if eval_rows and (step % args.eval_every == 0 or step == args.steps):
             model.eval()

@@ -1,0 +1,143 @@
+"""The engine against plain transformers forwards without any cache."""
+import numpy as np
+import pytest
+import torch
+
+import make_probe
+from common import IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, tool_turn_text
+from infer import Engine, Sample
+from sft import collate, render
+
+ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
+
+
+def _scene(seed, level="medium"):
+    img, fields, _ = make_probe.probe_sample(np.random.default_rng(seed), level)
+    return img, fields["problem"]
+
+
+def test_decoder_logits_equal_transformers_forward(tiny):
+    model, proc = tiny
+    img, q = _scene(0)
+    turns = [ZOOM.format(box="[0.25, 0.25, 0.5, 0.5]", src="original_image"),
+             ZOOM.format(box="[0.1, 0.2, 0.9, 0.8]", src="observation_1"), "<think>x</think>\n<answer>3</answer>"]
+    s = render(img, q, turns, proc)
+    batch = collate([s], proc, "cpu")
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                    image_grid_thw=batch["image_grid_thw"],
+                    mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int()).logits[0]
+    eng = Engine(model, proc, max_batch=1)
+    # feed the sequence in three chunks that cut the text between the images, so later chunks
+    # continue a cached row with images inside them
+    ids = s["ids"]
+    ends = [i for i, t in enumerate(ids) if t == proc.tokenizer.convert_tokens_to_ids("<|vision_end|>")]
+    cuts = [0, ends[0] + 3, ends[1] + 1, len(ids)]
+    pos, k_img = 0, 0
+    for a, b in zip(cuts, cuts[1:]):
+        chunk = ids[a:b]
+        n_img = sum(1 for i in range(a, b) if ids[i] == proc.image_token_id and ids[i - 1] != proc.image_token_id)
+        logits, nxt = eng.forward([0], [chunk], [s["shown"][k_img:k_img + n_img]], [a], [pos])
+        k_img += n_img
+        pos = nxt[0]
+        assert (logits[0] - ref[b - 1]).abs().max() < 1e-4
+    assert k_img == 3
+
+
+def naive_episode(model, proc, sample, max_turns, max_turn_tokens):
+    """The reference: the whole conversation re-run through the transformers forward, no cache,
+    at every step (positions from transformers' own get_rope_index)."""
+    tok = proc.tokenizer
+    ep = Episode(sample.image, proc.budget)
+    ids = encode_chunk(tok, prompt_text(sample.question, sample.system), [image_token_count(ep.shown[0])])
+    turns, turn = [], []
+    while True:
+        forced = sample.forced[len(turns)] if sample.forced and len(turns) < len(sample.forced) else None
+        if forced and len(turn) < len(forced):
+            token = forced[len(turn)]   # scripted: no need to run the model
+        else:
+            pv, grid = proc.pixels(ep.shown)
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                logits = model(input_ids=x, pixel_values=pv, image_grid_thw=grid,
+                               mm_token_type_ids=(x == proc.image_token_id).int()).logits[0, -1]
+            token = int(logits.argmax())
+        ids.append(token)
+        turn.append(token)
+        text = tok.decode(turn)
+        if not (token == tok.convert_tokens_to_ids(IM_END) or any(s in text for s in STOP_STRINGS)):
+            if len(turn) >= max_turn_tokens:
+                return ids, "over_length"
+            continue
+        turns.append(text)
+        turn = []
+        action = ep.parse(text.replace(IM_END, ""))
+        if action.kind in ("answer", "none"):
+            return ids, action.kind
+        if len(turns) >= max_turns:
+            return ids, "exceeded"
+        user, new = ep.apply(action)
+        ids += encode_chunk(tok, tool_turn_text(user), [image_token_count(new)] if new else [])
+
+
+def test_ragged_multiturn_batch_equals_naive_loop(tiny):
+    model, proc = tiny
+    tok = proc.tokenizer
+    enc = lambda t: encode_chunk(tok, t)
+    zoom = lambda box, src="original_image": enc(ZOOM.format(box=box, src=src))
+    samples = [
+        # two zooms (the second into the first crop), then free greedy text until the turn limit
+        Sample(*_scene(1, "hard"), forced=[zoom("[0.0, 0.0, 0.5, 0.5]"), zoom("[0.5, 0.5, 1.0, 1.0]", "observation_1")]),
+        # an invalid call (error turn), then a zoom, then free text
+        Sample(*_scene(2, "easy"), forced=[enc('<grounding>{"bbox_2d": [0.9, 0.1, 0.2, 0.3], "source": "original_image"}</grounding>'),
+                                            zoom("[0.3, 0.3, 0.6, 0.9]")]),
+        # free text from the start, a longer question
+        Sample(_scene(3)[0], "<image>\nA much longer question about the small yellow diamond near the edge?"),
+        # a zoom, then an answer
+        Sample(*_scene(4), forced=[zoom("[0.125, 0.25, 0.375, 0.5]"), enc("<answer>7</answer>") + [tok.convert_tokens_to_ids(IM_END)]]),
+        # a zoom on every turn: hits the turn limit
+        Sample(*_scene(5), forced=[zoom("[0.0, 0.0, 0.5, 0.5]")] * 3),
+    ]
+    eng = Engine(model, proc, max_batch=2)   # 5 samples through 2 slots: rows leave and join
+    out = eng.run(samples, max_turns=3, greedy=True, max_turn_tokens=32, progress=False)
+    flags = []
+    for s, t in zip(samples, out):
+        ref_ids, how = naive_episode(model, proc, s, max_turns=3, max_turn_tokens=32)
+        assert t.token_ids == ref_ids
+        flags.append(how)
+        assert how != "exceeded" or t.exceeded_turns
+        assert how != "over_length" or t.over_length
+    assert flags[3] == "answer" and out[3].answer == "7" and out[3].answered
+    assert flags[4] == "exceeded" and out[4].exceeded_turns and len(out[4].crops) == 2
+    assert out[1].tool_errors == 1 and "x0 < x1" in tok.decode(out[1].token_ids)
+    assert len(out[0].crops) == 2 and out[0].crops[1]["source"] == "observation_1"
+    # nothing is fed twice: every token but each episode's last one went through the cache once
+    assert eng.prefill_tokens + eng.decode_tokens == sum(len(t.token_ids) for t in out) - len(out)
+
+
+def test_logprobs_equal_transformers_log_softmax(tiny):
+    model, proc = tiny
+    img, q = _scene(6)
+    eng = Engine(model, proc, max_batch=2)
+    t = eng.run([Sample(img, q)], max_turns=1, temperature=1.0, seed=3, max_turn_tokens=20, progress=False)[0]
+    pv, grid = proc.pixels(t.shown)
+    x = torch.tensor([t.token_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=x, pixel_values=pv, image_grid_thw=grid,
+                                     mm_token_type_ids=(x == proc.image_token_id).int()).logits[0].float(), -1)
+    idx = [i for i, m in enumerate(t.sampled_mask) if m]
+    assert len(idx) == 20
+    ref = torch.tensor([lp[i - 1, t.token_ids[i]].item() for i in idx])
+    assert torch.allclose(torch.tensor([t.logprobs[i] for i in idx]), ref, atol=1e-4)
+
+
+def test_sampling_is_seeded(tiny):
+    model, proc = tiny
+    img, q = _scene(7)
+    eng = Engine(model, proc, max_batch=2)
+    runs = [eng.run([Sample(img, q)] * 2, max_turns=1, seed=s, max_turn_tokens=15, progress=False) for s in (1, 1, 2)]
+    assert runs[0][0].token_ids == runs[1][0].token_ids and runs[0][1].token_ids == runs[1][1].token_ids
+    assert runs[0][0].token_ids != runs[2][0].token_ids
+    g = eng.run([Sample(img, q)], max_turns=1, greedy=True, max_turn_tokens=15, progress=False)[0]
+    p = eng.run([Sample(img, q)], max_turns=1, top_p=1e-6, seed=9, max_turn_tokens=15, progress=False)[0]
+    assert g.token_ids == p.token_ids   # top-p that keeps one token is greedy
