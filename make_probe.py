@@ -46,10 +46,11 @@ FONT = {
 # Difficulty knobs: canvas size, object size (px), look-alikes (same colour, other shape) and
 # other distractor objects (ranges, inclusive), clutter marks.
 LEVELS = {
-    "easy":   dict(size=768,  obj=56, lookalikes=(1, 2), distractors=(5, 8),   clutter=60),
-    "medium": dict(size=1024, obj=48, lookalikes=(3, 5), distractors=(8, 12),  clutter=120),
-    "hard":   dict(size=1536, obj=48, lookalikes=(6, 9), distractors=(12, 18), clutter=240),
+    "easy":   dict(size=1024, obj=64, lookalikes=(1, 2), distractors=(5, 8),   clutter=100),
+    "medium": dict(size=1024, obj=56, lookalikes=(3, 5), distractors=(8, 12),  clutter=130),
+    "hard":   dict(size=1536, obj=56, lookalikes=(6, 9), distractors=(12, 18), clutter=260),
 }
+DOT = 4   # one dot of the 5 x 7 glyph, in image pixels: under one pixel in any overview
 QUESTION = "What is the character printed on the {colour} {shape}?"
 BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)   # the tiny default; used for the stats table
 _GRADIENTS: dict[int, np.ndarray] = {}
@@ -91,7 +92,7 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: dict):
         cy = y0 + 0.64 * (y1 - y0)   # the glyph sits in the wide part
     else:  # diamond
         draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=colour)
-    scale = max(1, (x1 - x0) // 16)
+    scale = DOT
     ink = (20, 20, 20) if obj["colour"] == "yellow" else (250, 250, 250)
     draw_glyph(draw, obj["glyph"], cx, cy, scale, ink)
 
@@ -161,7 +162,7 @@ def level_stats(level: str, budget: Budget = BUDGET) -> dict:
     over = budget.size(k["size"], k["size"])[0] / k["size"]
     cell = k["size"] // GRID
     crop = budget.size(cell, cell)[0] / cell
-    dot = max(1, k["obj"] // 16)   # one dot of the 5 x 7 glyph, in image pixels
+    dot = DOT
     return {"image": k["size"], "object": k["obj"], "object_overview": k["obj"] * over,
             "glyph_overview": 7 * dot * over, "glyph_crop": 7 * dot * crop, "dot_overview": dot * over,
             "dot_crop": dot * crop, "crop_side": budget.size(cell, cell)[0]}

@@ -100,8 +100,8 @@ def token_logprobs(model, batch: dict) -> torch.Tensor:
 # Data: trajectories from a JSONL file, or the base perception curriculum drawn on the fly.
 # ----------------------------------------------------------------------------------------------
 BASE_CURRICULUM = [  # (first step, task weights)
-    (0, {"describe": 0.35, "read": 0.25, "locate": 0.4}),
-    (3000, {"describe": 0.15, "read": 0.15, "locate": 0.2, "list": 0.3, "find": 0.2}),
+    (0, {"describe": 0.3, "read": 0.2, "locate": 0.3, "list": 0.2}),
+    (4000, {"describe": 0.15, "read": 0.15, "locate": 0.15, "list": 0.35, "find": 0.2}),
 ]
 
 
