@@ -61,14 +61,15 @@ def error_text(reason: str) -> str:
             "Please look at the error and continue your reasoning inside <think> and </think>.")
 
 
-def prompt_text(question: str, system: str = SYSTEM_PROMPT) -> str:
+def prompt_text(question: str, system: str = SYSTEM_PROMPT, context: str = "") -> str:
     """System turn + first user turn (image + question) + the opening of the assistant turn.
 
     VisualProbe writes the image as "<image>" inside the problem; it is replaced by the image
-    block there, or put first when the problem has none.
+    block there, or put first when the problem has none. `context` (earlier turns, e.g. few-shot
+    exemplars) goes between the system turn and the question.
     """
     user = question.replace("<image>", IMAGE, 1) if "<image>" in question else IMAGE + "\n" + question
-    return (f"{IM_START}system\n{system}{IM_END}\n"
+    return (f"{IM_START}system\n{system}{IM_END}\n{context}"
             f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n")
 
 
@@ -454,6 +455,36 @@ def build_tiny(seed: int = 0, patch_init_std: float = 0.1, **overrides):
     with torch.no_grad():   # a larger patch-embedding init lets colour reach the LM early (NOTES)
         model.model.visual.patch_embed.proj.weight.normal_(0.0, patch_init_std)
     return model, Processor(tokenizer, image_processor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grading (the verifiable reward): exact / normalised match, or the option letter.
+# ----------------------------------------------------------------------------------------------
+def normalise(text: str) -> str:
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.strip(" .!?\"'`")
+
+
+def option_letter(text: str, n_options: int) -> str | None:
+    """The option letter an answer picks: "B", "(B)", "B. red", or the option's text itself."""
+    m = re.match(r"^\(?([A-H])\)?(?:[.:)\s]|$)", text.strip())
+    if m and "ABCDEFGH".index(m.group(1)) < n_options:
+        return m.group(1)
+    return None
+
+
+def grade(answer: str | None, row: dict) -> float:
+    """1.0 if the answer matches the record's solution, else 0.0 (no answer is wrong)."""
+    if answer is None:
+        return 0.0
+    options = row.get("options")
+    if options:
+        letter = option_letter(answer, len(options))
+        if letter is None:   # the option written out instead of its letter
+            texts = [normalise(o) for o in options]
+            letter = "ABCDEFGH"[texts.index(normalise(answer))] if normalise(answer) in texts else None
+        return float(letter == str(row["solution"]).strip().upper())
+    return float(normalise(answer) == normalise(str(row["solution"])))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class Sample:
     question: str
     system: str = SYSTEM_PROMPT
     forced: list[list[int]] | None = None   # scripted token ids per turn (tests, teacher forcing)
+    context: tuple[str, list[Image.Image]] | None = None   # earlier turns (few-shot) and their images
 
 
 @dataclass
@@ -213,8 +214,10 @@ class Engine:
         def new_row() -> _Row:
             i = waiting.pop()
             r = _Row(i, samples[i], self.processor.budget)
-            text = prompt_text(r.sample.question, r.sample.system)
-            r.add(encode_chunk(self.tok, text, [image_token_count(r.episode.shown[0])]), [r.episode.shown[0]])
+            ctx_text, ctx_images = r.sample.context or ("", [])
+            text = prompt_text(r.sample.question, r.sample.system, ctx_text)
+            images = [self.processor.budget.resize(im) for im in ctx_images] + [r.episode.shown[0]]
+            r.add(encode_chunk(self.tok, text, [image_token_count(im) for im in images]), images)
             if on_text:
                 on_text(i, text)
             return r

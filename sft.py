@@ -173,7 +173,7 @@ def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
-def main():
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/tiny/coldstart.jsonl", help="trajectories (JSONL) to train on")
     ap.add_argument("--base", action="store_true", help="train on the base perception curriculum, drawn on the fly")
@@ -195,7 +195,7 @@ def main():
     ap.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,8 +262,10 @@ def main():
             loss = -(lp * m).sum() / n_tok
             if not torch.isfinite(loss):
                 bar.close()
-                raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint "
-                                 f"is in {out} (step {torch.load(state_file, weights_only=False)['step'] if state_file.exists() else 'none'}).")
+                last = torch.load(state_file, weights_only=False)["step"] if state_file.exists() else None
+                raise SystemExit(f"step {step + 1}: the loss is {loss.item()}; stopping. The last good checkpoint "
+                                 f"is {out} (step {last})." if last is not None else
+                                 f"step {step + 1}: the loss is {loss.item()}; stopping before any checkpoint was saved.")
             loss.backward()
             total_loss += loss.item()
             total_tokens += int(batch["attention_mask"].sum())

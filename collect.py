@@ -1,0 +1,381 @@
+"""Stage 1: cold-start trajectories, collected iteratively and filtered by correctness.
+
+    python collect.py                                            # explorer teacher on the synthetic probe
+    python collect.py --model runs/tiny/sft --samples 4 --out runs/tiny/round1.jsonl   # self rollouts
+    python collect.py --teacher Qwen/Qwen2.5-VL-7B-Instruct --data data/vp_train/train.jsonl   # few-shot VLM
+
+Three sources, one output: a JSONL of trajectories (the question's record, the assistant turns'
+texts, the answer, whether it is correct, the search pattern) that sft.py replays into exactly the
+tokens the engine would produce. Only correct trajectories are kept, duplicates dropped, and no
+pattern may take more than --max-share of the set.
+
+The explorer is a scripted searcher that acts only on what the protocol shows a model: the overview
+at the pixel budget, then each crop it asked for. It never reads the record's hidden fields.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common import Episode, grade, load_image, read_jsonl, write_jsonl, ROOT
+from make_probe import COLOURS, FONT, GRID, SHAPES, fmt_box
+
+# ----------------------------------------------------------------------------------------------
+# The explorer's eyes: plain pixel rules on the images it is shown.
+# ----------------------------------------------------------------------------------------------
+INK = {"white": lambda a: (a.min(-1) > 190), "black": lambda a: (a.max(-1) < 90)}
+
+
+def colour_mask(arr: np.ndarray, colour: str, tol: int = 90) -> np.ndarray:
+    return np.abs(arr.astype(int) - np.array(COLOURS[colour])).sum(-1) < tol
+
+
+def blobs_by_cell(arr: np.ndarray, colour: str, min_pixels: int = 8, grid: int = GRID) -> dict[int, np.ndarray]:
+    """Cells of a grid x grid split of the image (row-major index) that hold a blob of `colour`."""
+    mask = colour_mask(arr, colour)
+    h, w = mask.shape
+    out = {}
+    for cell in range(grid * grid):
+        r, c = divmod(cell, grid)
+        sub = mask[r * h // grid:(r + 1) * h // grid, c * w // grid:(c + 1) * w // grid]
+        if sub.sum() >= min_pixels:
+            out[cell] = sub
+    return out
+
+
+def shape_of(mask: np.ndarray) -> str | None:
+    """circle / square / triangle / diamond from the widths of the blob at 1/4, 1/2, 3/4 height
+    (the glyph's ink inside the shape does not matter: only the outermost pixels count)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 8 or ys.max() - ys.min() < 6:
+        return None
+    y0, y1 = ys.min(), ys.max()
+    width = lambda f: np.ptp(xs[ys == round(y0 + f * (y1 - y0))]) + 1 if (ys == round(y0 + f * (y1 - y0))).any() else 0
+    full = max(np.ptp(xs) + 1, 1)
+    w = np.array([width(0.2), width(0.5), width(0.8)]) / full
+    profiles = {"square": (1, 1, 1), "circle": (0.8, 1, 0.8), "triangle": (0.3, 0.55, 0.85), "diamond": (0.45, 0.95, 0.45)}
+    return min(profiles, key=lambda s: np.abs(w - np.array(profiles[s])).sum())
+
+
+def read_glyph(arr: np.ndarray, mask: np.ndarray, colour: str) -> str | None:
+    """Read the character printed on the object in `mask` by matching the 5 x 7 templates."""
+    ys, xs = np.nonzero(mask)
+    inside = np.zeros_like(mask)   # the shape's interior, away from its (resampled) edges
+    for y in range(ys.min() + 2, ys.max() - 1):
+        row = xs[ys == y]
+        if len(row):
+            inside[y, row.min() + 2:row.max() - 1] = True
+    ink = INK["black" if colour == "yellow" else "white"](arr) & inside
+    ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    iy, ix = np.nonzero(ink)
+    if len(iy) < 6:
+        return None
+    top, bottom, left = iy.min(), iy.max() + 1, ix.min()
+    dot = (bottom - top) / 7
+    best, best_d = None, 99
+    for ch, rows in FONT.items():
+        bits = np.array([[b == "1" for b in row] for row in rows.split()])
+        c0 = np.nonzero(bits.any(0))[0][0]
+        yy = (top + (np.arange(7) + 0.5) * dot).astype(int).clip(0, ink.shape[0] - 1)
+        xx = (left + (np.arange(5) - c0 + 0.5) * dot).astype(int).clip(0, ink.shape[1] - 1)
+        d = int((ink[yy][:, xx] != bits).sum())
+        if d < best_d:
+            best, best_d = ch, d
+    return best if best_d <= 6 else None
+
+
+def biggest_object(arr: np.ndarray, colour: str) -> np.ndarray | None:
+    """The mask of the largest blob of `colour` in a crop, holes filled row by row."""
+    mask = colour_mask(arr, colour)
+    if mask.sum() < 20:
+        return None
+    ys, xs = np.nonzero(mask)
+    # keep the densest region: the bounding box of pixels near the median position
+    cy, cx = np.median(ys), np.median(xs)
+    size = max(np.percentile(np.abs(ys - cy), 95), np.percentile(np.abs(xs - cx), 95)) * 1.3 + 2
+    keep = (np.abs(ys - cy) <= size) & (np.abs(xs - cx) <= size)
+    out = np.zeros_like(mask)
+    out[ys[keep], xs[keep]] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The explorer: plays one episode through an Episode, writing its reasoning as it goes.
+# ----------------------------------------------------------------------------------------------
+def zoom_text(box: list[float]) -> str:
+    return '<grounding>{"bbox_2d": ' + fmt_box(box) + ', "source": "original_image"}</grounding>'
+
+
+def cell_box(cell: int) -> list[float]:
+    r, c = divmod(cell, GRID)
+    return [c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID]
+
+
+def parse_question(problem: str) -> tuple[str, str] | None:
+    words = problem.lower().replace("?", " ").split()
+    colour = next((w for w in words if w in COLOURS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    return (colour, shape) if colour and shape else None
+
+
+def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_turns: int = 16,
+            depth_first: float = 0.0) -> dict | None:
+    """Search like a model would: returns {"turns": [...], "answer", "pattern"} or None when the
+    question is not one the explorer understands."""
+    goal = parse_question(problem)
+    if goal is None:
+        return None
+    colour, shape = goal
+    ep = Episode(image, budget)
+    overview = np.asarray(ep.shown[0])
+    cells = sorted(blobs_by_cell(overview, colour))
+    turns: list[str] = []
+
+    def look(box: list[float]) -> np.ndarray:
+        _, shown = ep.apply(ep.parse(zoom_text(box)))
+        return np.asarray(shown)
+
+    def check(arr: np.ndarray) -> tuple[str | None, str | None]:
+        obj = biggest_object(arr, colour)
+        return (None, None) if obj is None else (shape_of(obj), read_glyph(arr, obj, colour))
+
+    if not cells:
+        turns.append(f"<think>I see no {colour} object at this size. I look at the whole image more closely.</think>\n"
+                     + zoom_text([0.0, 0.0, 0.5, 0.5]))
+        return {"turns": turns + [f"<think>I cannot find the {colour} {shape}.</think>\n<answer>none</answer>"],
+                "answer": "none", "pattern": "failed"}
+    # in a large overview blob the shape can be told apart: then one zoom is enough
+    blob_h = lambda m: np.ptp(np.nonzero(m)[0]) + 1
+    seen = {c: shape_of(m) if blob_h(m) >= 12 else None for c, m in blobs_by_cell(overview, colour).items()}
+    direct = [c for c in cells if seen[c] == shape]
+    if len(direct) == 1 and all(seen[c] not in (None, shape) for c in cells if c != direct[0]):
+        box = cell_box(direct[0])
+        turns.append(f"<think>I am looking for the {colour} {shape}. The {colour} {shape} is at {fmt_box(box)}.</think>\n"
+                     + zoom_text(box))
+        got_shape, glyph = check(look(box))
+        if got_shape == shape and glyph:
+            turns.append(f"<think>It is a {colour} {shape} with the character {glyph}. This is the {colour} {shape}.</think>\n"
+                         f"<answer>{glyph}</answer>")
+            return {"turns": turns, "answer": glyph, "pattern": "direct"}
+        turns.pop()   # fall back to checking every candidate
+        ep = Episode(image, budget)
+    listing = ", ".join(fmt_box(cell_box(c)) for c in cells)
+    intro = f"<think>I am looking for the {colour} {shape}. The {colour} objects: {listing}."
+    if depth_first and len(cells) >= 4 and rng.random() < depth_first:
+        return _depth_first(ep, cells, colour, shape, intro, max_turns, check, look)
+    more = " They look alike from here, so I check them one by one." if len(cells) > 1 else ""
+    turns.append(intro + more + "</think>\n" + zoom_text(cell_box(cells[0])))
+    for i, cell in enumerate(cells):
+        if len(turns) > max_turns:
+            return {"turns": turns[:max_turns], "answer": None, "pattern": "trial_and_error", "exceeded": True}
+        got_shape, glyph = check(look(cell_box(cell)))
+        seen_text = (f"It is a {colour} {got_shape} with the character {glyph}" if got_shape and glyph
+                     else "I cannot make it out here")
+        if got_shape == shape and glyph:
+            turns.append(f"<think>{seen_text}. This is the {colour} {shape}.</think>\n<answer>{glyph}</answer>")
+            return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
+        if i + 1 < len(cells):
+            turns.append(f"<think>{seen_text}, not the {colour} {shape}. I check the next one.</think>\n"
+                         + zoom_text(cell_box(cells[i + 1])))
+    turns.append(f"<think>None of the {colour} objects is the {colour} {shape}.</think>\n<answer>none</answer>")
+    return {"turns": turns, "answer": "none", "pattern": "failed"}
+
+
+QUARTERS = {"top-left": [0.0, 0.0, 0.5, 0.5], "top-right": [0.5, 0.0, 1.0, 0.5],
+            "bottom-left": [0.0, 0.5, 0.5, 1.0], "bottom-right": [0.5, 0.5, 1.0, 1.0]}
+
+
+def _depth_first(ep, cells, colour, shape, intro, max_turns, check, look) -> dict:
+    """Zoom into the quarters that hold candidates (most first); in a quarter the shapes can be
+    told apart, so zoom again only onto the one that matches, then read it."""
+    def quarter(cell):
+        r, c = divmod(cell, GRID)
+        return ("top" if r < GRID // 2 else "bottom") + "-" + ("left" if c < GRID // 2 else "right")
+    counts = Counter(quarter(c) for c in cells)
+    order = [q for q, _ in counts.most_common()]
+    turns = [intro + f" Most of them are in the {order[0]} quarter, so I look there first.</think>\n"
+             + zoom_text(QUARTERS[order[0]])]
+    for k, q in enumerate(order):
+        x0, y0, _, _ = QUARTERS[q]
+        arr = look(QUARTERS[q])
+        found = None
+        half = GRID // 2   # a quarter holds half x half cells of the original grid
+        for cell, mask in sorted(blobs_by_cell(arr, colour, 20, grid=half).items()):
+            if shape_of(mask) == shape:
+                r, c = divmod(cell, half)
+                found = int((y0 * GRID + r) * GRID + x0 * GRID + c)
+                break
+        if found is not None and found in cells:
+            box = cell_box(found)
+            turns.append(f"<think>Here the {colour} {shape} is at {fmt_box(box)}.</think>\n" + zoom_text(box))
+            got_shape, glyph = check(look(box))
+            if got_shape == shape and glyph:
+                turns.append(f"<think>It is a {colour} {shape} with the character {glyph}. This is the {colour} {shape}."
+                             f"</think>\n<answer>{glyph}</answer>")
+                return {"turns": turns, "answer": glyph, "pattern": "depth_first"}
+            break
+        if k + 1 < len(order) and len(turns) < max_turns:
+            turns.append(f"<think>There is no {colour} {shape} in this quarter. I look at the {order[k + 1]} quarter."
+                         f"</think>\n" + zoom_text(QUARTERS[order[k + 1]]))
+    turns.append(f"<think>I could not find the {colour} {shape}.</think>\n<answer>none</answer>")
+    return {"turns": turns, "answer": "none", "pattern": "failed"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Self rollouts and the few-shot VLM teacher: both through the engine.
+# ----------------------------------------------------------------------------------------------
+def pattern_of(crops: list[dict], image_size: tuple[int, int]) -> str:
+    """Label a model's trajectory by its zooms: none, one (direct), into a large region first
+    (depth_first), or several small ones (trial_and_error)."""
+    if not crops:
+        return "no_zoom"
+    if len(crops) == 1:
+        return "direct"
+    area = lambda c: (c["pixel_box"][2] - c["pixel_box"][0]) * (c["pixel_box"][3] - c["pixel_box"][1])
+    if area(crops[0]) > 2 * min(area(c) for c in crops[1:]):
+        return "depth_first"
+    return "trial_and_error"
+
+
+EXEMPLARS = ROOT / "exemplars" / "exemplars.json"
+
+
+def few_shot_prefix(path: Path = EXEMPLARS) -> tuple[str, list[Image.Image]]:
+    """The exemplar conversations as earlier turns of the chat: their images and texts."""
+    from common import IMAGE, IM_END, IM_START, Budget
+    import make_probe
+    data = json.loads(path.read_text(encoding="utf-8"))
+    text, images = "", []
+    for ex in data:
+        image, _, _ = make_probe.probe_sample(np.random.default_rng(ex["seed"]), ex["level"])
+        ep = Episode(image, Budget(112 * 112, 230 * 230))   # only to cut the crops; the engine resizes
+        text += f"{IM_START}user\n{IMAGE}\n{ex['question']}{IM_END}\n"
+        images.append(image)
+        for i, turn in enumerate(ex["turns"]):
+            text += f"{IM_START}assistant\n{turn}{IM_END}\n"
+            action = ep.parse(turn)
+            if action.kind == "zoom" and i + 1 < len(ex["turns"]):
+                user, _ = ep.apply(action)
+                text += f"{IM_START}user\n{user}{IM_END}\n"
+                images.append(ep.images[-1])
+    return text, images
+
+
+def rollouts(rows: list[dict], root: Path, model_path: str, samples: int, max_turns: int, seed: int,
+             temperature: float, few_shot: bool) -> list[dict]:
+    import torch
+    from infer import Engine, Sample
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(model_path, device)
+    prefix = few_shot_prefix() if few_shot else None
+    engine = Engine(model, processor, max_batch=16)
+    batch = [Sample(load_image(r, root), r["problem"], context=prefix) for r in rows for _ in range(samples)]
+    trajs = engine.run(batch, max_turns=max_turns, temperature=temperature, seed=seed, max_turn_tokens=256)
+    out = []
+    for k, t in enumerate(trajs):
+        row = rows[k // samples]
+        out.append({"turns": [x.replace("<|im_end|>", "") for x in t.turn_texts], "answer": t.answer,
+                    "pattern": pattern_of(t.crops, (0, 0)), "exceeded": t.exceeded, "source": "teacher" if few_shot else "self",
+                    "_row": row})
+    return out
+
+
+def load_model(path, device):
+    from common import load
+    return load(path, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Filter and report
+# ----------------------------------------------------------------------------------------------
+def keep(found: list[dict], max_share: float, seed: int) -> list[dict]:
+    """Correct, non-exceeded, unique; then no pattern above max_share of the kept set."""
+    seen, good = set(), []
+    for f in found:
+        key = (f["doc_id"], tuple(f["turns"]))
+        if f["correct"] and not f.get("exceeded") and key not in seen:
+            seen.add(key)
+            good.append(f)
+    random.Random(seed).shuffle(good)
+    counts = Counter(f["pattern"] for f in good)
+    others = {p: sum(v for q, v in counts.items() if q != p) for p in counts}
+    out, taken = [], Counter()
+    for f in good:
+        p = f["pattern"]
+        # the cap: a pattern may hold at most max_share of the final set
+        limit = counts[p] if len(counts) == 1 else int(max_share / (1 - max_share) * others[p]) if max_share < 1 else counts[p]
+        if taken[p] < max(limit, 1):
+            taken[p] += 1
+            out.append(f)
+    return out
+
+
+def table(found: list[dict], kept: list[dict]):
+    print(f"{'pattern':16} {'found':>6} {'correct':>8} {'kept':>6} {'mean turns':>10}  kept by difficulty")
+    for p in sorted({f["pattern"] for f in found}):
+        fs = [f for f in found if f["pattern"] == p]
+        ks = [f for f in kept if f["pattern"] == p]
+        by = Counter(f.get("difficulty", "?") for f in ks)
+        turns = np.mean([len(f["turns"]) for f in ks]) if ks else 0
+        print(f"{p:16} {len(fs):6d} {sum(f['correct'] for f in fs):8d} {len(ks):6d} {turns:10.2f}  "
+              + " ".join(f"{d}:{n}" for d, n in sorted(by.items())))
+    hist = Counter(len(f["turns"]) for f in kept)
+    print("kept by number of turns: " + " ".join(f"{t}:{n}" for t, n in sorted(hist.items())))
+
+
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
+    ap.add_argument("--out", default="runs/tiny/coldstart.jsonl")
+    ap.add_argument("--model", help="self rollouts of this checkpoint instead of the explorer")
+    ap.add_argument("--teacher", help="a VLM shown the six exemplars in context (few-shot teacher)")
+    ap.add_argument("--samples", type=int, default=4, help="attempts per question (model sources)")
+    ap.add_argument("--max-turns", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--depth-first", type=float, default=0.3, help="explorer: share of searches that zoom into quarters first")
+    ap.add_argument("--max-share", type=float, default=0.6, help="largest share any one pattern may take")
+    ap.add_argument("--append", help="an earlier trajectory file whose rows are kept too (iterative rounds)")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N questions")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rows = read_jsonl(args.data)[: args.limit or None]
+    root = Path(args.data).parent
+    t0 = time.time()
+    if args.model or args.teacher:
+        found = rollouts(rows, root, args.model or args.teacher, args.samples, args.max_turns, args.seed,
+                         args.temperature, few_shot=bool(args.teacher))
+    else:
+        from common import Budget, TINY_MIN_PIXELS, TINY_MAX_PIXELS
+        budget = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+        rng = random.Random(args.seed)
+        found = []
+        for row in tqdm(rows, desc="explore", dynamic_ncols=True):
+            public = {k: row[k] for k in ("images", "problem")}   # what a model would see
+            res = explore(load_image(public, root), public["problem"], budget, rng, args.max_turns, args.depth_first)
+            if res is not None:
+                found.append({**res, "source": "explorer", "_row": row})
+    for f in found:
+        row = f.pop("_row")
+        f.update({k: row[k] for k in row if k in ("images", "problem", "solution", "difficulty", "doc_id",
+                                                  "data_source", "options")})
+        f["images"] = [str((root / p).resolve()) if not Path(p).is_absolute() else p for p in row["images"]]
+        f["correct"] = bool(grade(f["answer"], row))
+        f["n_turns"] = len(f["turns"])
+    kept = keep(found, args.max_share, args.seed)
+    if args.append:
+        kept = read_jsonl(args.append) + kept
+    write_jsonl(args.out, kept)
+    table(found, kept)
+    print(f"kept {len(kept)} of {len(found)} trajectories -> {args.out} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

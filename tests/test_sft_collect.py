@@ -1,0 +1,116 @@
+"""Cold start: the explorer, the filter, trajectory rendering, and the trainer's resume."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import collect
+import make_probe
+import sft
+from common import IM_END, Budget, TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_chunk, load_image, read_jsonl, save_checkpoint, write_jsonl
+from infer import Engine, Sample
+
+BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+
+
+def test_explorer_sees_only_image_and_question(probe_dir):
+    rows = read_jsonl(probe_dir / "train.jsonl") + read_jsonl(probe_dir / "test.jsonl")
+    right = 0
+    for row in rows:
+        public = {"images": row["images"], "problem": row["problem"]}   # no target_bbox, no solution
+        res = collect.explore(load_image(public, probe_dir), public["problem"], BUDGET, random.Random(0), depth_first=0.5)
+        assert res["turns"] and res["pattern"] in {"direct", "trial_and_error", "depth_first", "failed"}
+        right += res["answer"] == row["solution"]
+    assert right >= len(rows) - 1
+
+
+def test_filter_drops_wrong_exceeded_and_duplicates():
+    mk = lambda doc, ok, pat="trial_and_error", turns=("a",), **kw: {"doc_id": doc, "correct": ok, "pattern": pat, "turns": list(turns), **kw}
+    found = [mk("1", True), mk("1", True), mk("2", False), mk("3", True, exceeded=True), mk("4", True, "direct", ("b",))]
+    kept = collect.keep(found, max_share=1.0, seed=0)
+    assert sorted(f["doc_id"] for f in kept) == ["1", "4"]
+    many = [mk(str(i), True, "direct", (str(i),)) for i in range(10)] + [mk(f"t{i}", True, "trial_and_error", (f"t{i}",)) for i in range(2)]
+    kept = collect.keep(many, max_share=0.6, seed=0)
+    share = sum(f["pattern"] == "direct" for f in kept) / len(kept)
+    assert share <= 0.6 + 1e-9 and sum(f["pattern"] == "trial_and_error" for f in kept) == 2
+
+
+def test_collect_cli_writes_correct_trajectories(probe_dir, tmp_path, capsys):
+    out = tmp_path / "cs.jsonl"
+    collect.main(["--data", str(probe_dir / "train.jsonl"), "--out", str(out), "--depth-first", "0.5"])
+    rows = read_jsonl(out)
+    assert rows and all(r["correct"] and r["answer"] == r["solution"] for r in rows)
+    assert "kept by number of turns" in capsys.readouterr().out
+
+
+def test_rendered_trajectory_equals_engine_tokens_and_masks_only_assistant(tiny, probe_dir):
+    model, proc = tiny
+    row = read_jsonl(probe_dir / "train.jsonl")[1]   # a medium question: several turns
+    image = load_image(row, probe_dir)
+    res = collect.explore(image, row["problem"], proc.budget, random.Random(0))
+    s = sft.render(image, row["problem"], res["turns"], proc)
+    tok = proc.tokenizer
+    forced = [encode_chunk(tok, t) for t in res["turns"]]
+    forced[-1] = forced[-1] + [tok.convert_tokens_to_ids(IM_END)]
+    t = Engine(model, proc).run([Sample(image, row["problem"], forced=forced)], max_turns=20, greedy=True, progress=False)[0]
+    assert t.token_ids == s["ids"] and t.sampled_mask == s["mask"] and t.answer == res["answer"]
+    ids = np.array(s["ids"])
+    mask = np.array(s["mask"])
+    assert not mask[ids == proc.image_token_id].any()          # no image token is labelled
+    text = tok.decode(ids[mask].tolist())
+    assert "<|im_start|>" not in text and "Observation" not in text and text.count("<grounding>") == len(res["turns"]) - 1
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny, probe_dir, tmp_path_factory):
+    model, proc = tiny
+    root = tmp_path_factory.mktemp("sftrun")
+    save_checkpoint(model, proc, root / "init")
+    rows = read_jsonl(probe_dir / "train.jsonl")
+    trajs = []
+    for r in rows:
+        res = collect.explore(load_image(r, probe_dir), r["problem"], proc.budget, random.Random(0))
+        trajs.append({**r, "images": [str(probe_dir / r["images"][0])], "turns": res["turns"]})
+    write_jsonl(root / "cs.jsonl", trajs)
+    return root
+
+
+def _sft(root, out, *extra):
+    sft.main(["--data", str(root / "cs.jsonl"), "--init", str(root / "init"), "--out", str(out), "--steps", "4",
+              "--batch", "2", "--save-every", "2", "--lr", "1e-3", *extra])
+    return {r["step"]: r["loss"] for r in read_jsonl(out.parent / (out.name + "_log.jsonl"))}
+
+
+def test_resume_after_kill_reproduces_the_next_loss(small_run, monkeypatch):
+    full = _sft(small_run, small_run / "full")
+    calls = {"n": 0}
+    real = sft.token_logprobs
+
+    def dies_on_third_step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt   # the process is killed during step 3
+        return real(model, batch)
+    monkeypatch.setattr(sft, "token_logprobs", dies_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        _sft(small_run, small_run / "killed")
+    monkeypatch.setattr(sft, "token_logprobs", real)
+    resumed = _sft(small_run, small_run / "killed", "--resume")
+    assert resumed[3] == pytest.approx(full[3], rel=1e-5) and resumed[4] == pytest.approx(full[4], rel=1e-5)
+    assert full[4] < full[1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(small_run, monkeypatch):
+    real = sft.token_logprobs
+    calls = {"n": 0}
+
+    def nan_on_third(model, batch):
+        calls["n"] += 1
+        lp = real(model, batch)
+        return lp * float("nan") if calls["n"] == 3 else lp
+    monkeypatch.setattr(sft, "token_logprobs", nan_on_third)
+    with pytest.raises(SystemExit, match=r"step 3: the loss is nan.*\(step 2\)"):
+        _sft(small_run, small_run / "nan")
+    assert torch.load(small_run / "nan" / "trainer_state.pt", weights_only=False)["step"] == 2
