@@ -61,14 +61,17 @@ def error_text(reason: str) -> str:
             "Please look at the error and continue your reasoning inside <think> and </think>.")
 
 
-def prompt_text(question: str, system: str = SYSTEM_PROMPT, context: str = "") -> str:
+def prompt_text(question: str, system: str = SYSTEM_PROMPT, context: str = "", image: bool = True) -> str:
     """System turn + first user turn (image + question) + the opening of the assistant turn.
 
     VisualProbe writes the image as "<image>" inside the problem; it is replaced by the image
     block there, or put first when the problem has none. `context` (earlier turns, e.g. few-shot
     exemplars) goes between the system turn and the question.
     """
-    user = question.replace("<image>", IMAGE, 1) if "<image>" in question else IMAGE + "\n" + question
+    if not image:
+        user = question.replace("<image>\n", "").replace("<image>", "")
+    else:
+        user = question.replace("<image>", IMAGE, 1) if "<image>" in question else IMAGE + "\n" + question
     return (f"{IM_START}system\n{system}{IM_END}\n{context}"
             f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n")
 
@@ -167,6 +170,8 @@ def _parse_call(body: str, image_sizes) -> Action:
         if image_sizes is not None and int(m.group(1)) >= len(image_sizes):
             return bad(f"{source} does not exist yet ({len(image_sizes) - 1} observations so far)")
     w, h = (1.0, 1.0)
+    if image_sizes is not None and not image_sizes:
+        return bad("there is no image to zoom into")
     if image_sizes is not None:
         w, h = image_sizes[0 if source == "original_image" else int(source.split("_")[1])]
     bw, bh = (x1 - x0) * w, (y1 - y0) * h
@@ -233,11 +238,11 @@ class Episode:
     `shown[i]` is what the model sees: the same image resized to the pixel budget.
     """
 
-    def __init__(self, image: Image.Image, budget: Budget):
-        self.budget = budget
-        self.images = [image.convert("RGB")]
-        self.boxes = [(0, 0, image.width, image.height)]
-        self.shown = [budget.resize(self.images[0])]
+    def __init__(self, image: Image.Image | None, budget: Budget):
+        self.budget = budget   # (image None: a text-only conversation, e.g. a judge's)
+        self.images = [image.convert("RGB")] if image is not None else []
+        self.boxes = [(0, 0, image.width, image.height)] if image is not None else []
+        self.shown = [budget.resize(im) for im in self.images]
         self.crops: list[dict] = []   # one per zoom: source, relative bbox, pixel box in the original
         self.actions = 0              # assistant turns that asked for a tool call
         self.errors = 0

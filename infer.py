@@ -34,7 +34,7 @@ except ImportError:
 
 @dataclass
 class Sample:
-    image: Image.Image
+    image: Image.Image | None           # None: a text-only conversation
     question: str
     system: str = SYSTEM_PROMPT
     forced: list[list[int]] | None = None   # scripted token ids per turn (tests, teacher forcing)
@@ -215,8 +215,8 @@ class Engine:
             i = waiting.pop()
             r = _Row(i, samples[i], self.processor.budget)
             ctx_text, ctx_images = r.sample.context or ("", [])
-            text = prompt_text(r.sample.question, r.sample.system, ctx_text)
-            images = [self.processor.budget.resize(im) for im in ctx_images] + [r.episode.shown[0]]
+            text = prompt_text(r.sample.question, r.sample.system, ctx_text, image=r.sample.image is not None)
+            images = [self.processor.budget.resize(im) for im in ctx_images] + r.episode.shown[:1]
             r.add(encode_chunk(self.tok, text, [image_token_count(im) for im in images]), images)
             if on_text:
                 on_text(i, text)
@@ -318,6 +318,26 @@ class Engine:
                 finish(i)
         bar.close()
         return results
+
+
+JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\nReference answer: {reference}\n"
+                "Candidate answer: {answer}\nDoes the candidate answer mean the same as the reference answer? "
+                "Reply with exactly \"Score: 1\" if it does and \"Score: 0\" if it does not.")
+
+
+def judge(engine: "Engine", rows: list[dict], answers: list[str | None]) -> list[float]:
+    """Mini-o3's LLM-judge reward: exact/normalised match first; otherwise the judge model (run
+    through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1"."""
+    import re
+    from common import PLAIN_SYSTEM_PROMPT, grade
+    scores = [grade(a, r) for a, r in zip(answers, rows)]
+    ask = [i for i, (a, s) in enumerate(zip(answers, scores)) if a is not None and s == 0 and not rows[i].get("options")]
+    samples = [Sample(None, JUDGE_PROMPT.format(question=rows[i]["problem"].replace("<image>", "").strip(),
+                                                reference=rows[i]["solution"], answer=answers[i]),
+                      system=PLAIN_SYSTEM_PROMPT) for i in ask]
+    for i, t in zip(ask, engine.run(samples, max_turns=1, greedy=True, max_turn_tokens=32, progress=False)):
+        scores[i] = 1.0 if re.search(r"Score:\s*1", t.turn_texts[-1] if t.turn_texts else "") else 0.0
+    return scores
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

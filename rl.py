@@ -1,0 +1,244 @@
+"""Stage 3: reinforcement learning with verifiable rewards (GRPO) and over-turn masking.
+
+    python rl.py                                   # runs/tiny/sft -> runs/tiny/rl
+    python rl.py --no-overturn-mask --out runs/tiny/rl_nomask     # the ablation
+
+Each step: take P questions, roll out G trajectories per question through the engine
+(temperature 1.0, at most --max-turns turns), score each answer, turn the scores into advantages
+within each group, and take clipped policy-gradient steps on exactly the tokens the engine sampled.
+
+Over-turn masking: a trajectory that still calls the tool on its last allowed turn (or runs out of
+context) has no answer, so its reward is 0. Trained on, that 0 teaches the model to stop searching
+early. Mini-o3 masks such trajectories out of the loss instead (`keep = 0`): the model is neither
+rewarded nor punished for searching longer than the training limit, and at test time it can use
+many more turns than it was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import append_jsonl, grade, load, load_image, read_jsonl, save_checkpoint, seed_everything
+from infer import Engine, Sample, judge
+from sft import collate, token_logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# The two functions to read first.
+# ----------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, keep: torch.Tensor,
+                     exclude_masked_from_stats: bool) -> torch.Tensor:
+    """GRPO advantages: each reward standardised within its group of `group_size` rollouts of the
+    same question, (r - mean) / (std + 1e-6).
+
+    rewards: [N] floats, N = number of questions x group_size, groups consecutive.
+    keep:    [N] bools, False for trajectories that exceeded the turn limit or the context.
+    exclude_masked_from_stats:
+        True  - the paper's formula: masked trajectories take no part in the group's mean and std.
+        False - the official code: they do (with their reward, 0), and are only masked in the loss.
+    Returns [N] advantages. Masked rows get a value too; `policy_loss` is what zeroes them.
+    """
+    r = rewards.float().view(-1, group_size)                       # [groups, G]
+    if exclude_masked_from_stats:
+        w = keep.float().view(-1, group_size)                      # who counts in the statistics
+    else:
+        w = torch.ones_like(r)
+    n = w.sum(1, keepdim=True)
+    mean = (r * w).sum(1, keepdim=True) / n.clamp(min=1)
+    var = ((r - mean) ** 2 * w).sum(1, keepdim=True) / (n - 1).clamp(min=1)   # unbiased, like torch.std
+    std = var.sqrt()
+    return ((r - mean) / (std + 1e-6)).view(-1)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                loss_mask: torch.Tensor, keep: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.3):
+    """The clipped policy-gradient objective, averaged over the tokens that count.
+
+    logprobs:     [N, T] log p of each token under the policy being trained
+    old_logprobs: [N, T] the same under the policy that sampled them (from the engine)
+    advantages:   [N]    one per trajectory, shared by all its tokens
+    loss_mask:    [N, T] 1 on tokens the model sampled (not prompts, observations, images, padding)
+    keep:         [N]    0 for trajectories masked by over-turn masking
+    Returns (loss, clip_fraction).
+    """
+    # --- over-turn masking: keep = 0 switches a whole row off, loss_mask the non-sampled tokens --
+    mask = loss_mask.bool() & keep.bool()[:, None]                           # [N, T]
+    log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # 0 where off
+    ratio = torch.exp(log_ratio)                                             # pi / pi_old per token
+    unclipped = -advantages[:, None] * ratio
+    clipped = -advantages[:, None] * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)                            # the pessimistic bound
+    n_tokens = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / n_tokens                               # token mean over kept tokens
+    clip_fraction = ((clipped > unclipped) & mask).sum().float() / n_tokens
+    return loss, clip_fraction
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards
+# ----------------------------------------------------------------------------------------------
+def rewards_for(trajs, rows, judge_engine=None, format_bonus: float = 0.0, tool_bonus: float = 0.0) -> list[float]:
+    """Correctness of the answer (rule match, or the judge's "Score: 0/1"), plus optional bonuses
+    for a well-formed answer and for having used the tool (both off by default, as in the paper)."""
+    if judge_engine is not None:
+        correct = judge(judge_engine, rows, [t.answer for t in trajs])
+    else:
+        correct = [grade(t.answer, r) for t, r in zip(trajs, rows)]
+    return [c + format_bonus * t.answered + tool_bonus * (len(t.crops) > 0) for c, t in zip(correct, trajs)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
+    ap.add_argument("--data", default="runs/tiny/probe/train.jsonl")
+    ap.add_argument("--out", default="runs/tiny/rl")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prompts", type=int, default=8, help="questions per step (P)")
+    ap.add_argument("--group", type=int, default=8, help="rollouts per question (G)")
+    ap.add_argument("--minibatch", type=int, default=16, help="trajectories per optimizer update")
+    ap.add_argument("--max-turns", type=int, default=6)
+    ap.add_argument("--max-turn-tokens", type=int, default=160)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--clip-low", type=float, default=0.2)
+    ap.add_argument("--clip-high", type=float, default=0.3)
+    ap.add_argument("--kl", type=float, default=0.0, help="weight of a KL penalty to the starting model (off)")
+    ap.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
+    ap.add_argument("--stats", choices=["official", "paper"], default="official",
+                    help="whether masked trajectories count in the group mean/std (official) or not (paper)")
+    ap.add_argument("--judge", help="an LLM judge (path or hub name) instead of the rule match")
+    ap.add_argument("--format-bonus", type=float, default=0.0)
+    ap.add_argument("--tool-bonus", type=float, default=0.0)
+    ap.add_argument("--max-batch", type=int, default=32, help="engine rows at a time")
+    ap.add_argument("--save-every", type=int, default=5)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    state_file = out / "trainer_state.pt"
+    resume = args.resume and state_file.exists()
+    seed_everything(args.seed)
+    model, processor = load(str(out) if resume else args.model, device=device)
+    for p in model.model.visual.parameters():      # the vision tower stays frozen, as in SFT
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ref = load(args.model, device=device)[0] if args.kl > 0 else None
+    judge_engine = Engine(*load(args.judge, device=device), max_batch=args.max_batch) if args.judge else None
+    step = 0
+    if resume:
+        state = torch.load(state_file, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed from {out} at step {step}")
+    rows = read_jsonl(args.data)
+    root = Path(args.data).parent
+    engine = Engine(model, processor, max_batch=args.max_batch)
+    log = out.parent / (out.name + "_log.jsonl")
+    G = args.group
+    cursor = state["cursor"] if resume else 0      # position in the shuffled question stream
+
+    def next_questions(n):
+        nonlocal cursor
+        picked = []
+        for _ in range(n):
+            epoch, k = divmod(cursor, len(rows))
+            picked.append(rows[int(np.random.default_rng([args.seed, epoch]).permutation(len(rows))[k])])
+            cursor += 1
+        return picked
+
+    bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
+    while step < args.steps:
+        t0 = time.time()
+        # 1. rollouts: P groups whose rewards do not all tie (tied groups teach nothing: refill)
+        groups, tried, dropped, stats = [], 0, 0, []
+        attempt = 0
+        while len(groups) < args.prompts and attempt < 4:
+            qs = next_questions(args.prompts - len(groups))
+            model.eval()
+            trajs = engine.run([Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)],
+                               max_turns=args.max_turns, temperature=args.temperature,
+                               seed=args.seed * 100_003 + step * 101 + attempt, max_turn_tokens=args.max_turn_tokens,
+                               progress=False)
+            rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus, args.tool_bonus)
+            for g, q in enumerate(qs):
+                tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
+                stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
+                keep_g = [not (t.exceeded and not args.no_overturn_mask) for t in tg]
+                counted = [r for r, k in zip(rg, keep_g) if k or args.stats == "official"]
+                tried += 1
+                if len(counted) < 2 or np.std(counted) < 1e-4:
+                    dropped += 1
+                    continue
+                groups.append((tg, rg, keep_g))
+            attempt += 1
+        trajs = [t for g in groups for t in g[0]]   # (no groups: every one tied, no update this step)
+        rewards = torch.tensor([r for g in groups for r in g[1]], dtype=torch.float)
+        keep = torch.tensor([k for g in groups for k in g[2]], dtype=torch.bool)
+        adv = group_advantages(rewards, G, keep, exclude_masked_from_stats=args.stats == "paper")
+        # 2. policy-gradient updates on mini-batches (the first one is on-policy: ratio = 1)
+        model.train()
+        order = [i for i in np.random.default_rng([args.seed, step]).permutation(len(trajs)) if keep[i]]
+        losses, clips, n_tok = [], [], 0
+        for b in range(0, len(order), args.minibatch):
+            idx = order[b:b + args.minibatch]
+            batch = collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask, "shown": trajs[i].shown}
+                             for i in idx], processor, device)
+            T = batch["input_ids"].shape[1]
+            old = torch.zeros(len(idx), T)
+            for j, i in enumerate(idx):
+                old[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
+            lp = token_logprobs(model, batch)
+            loss, clip = policy_loss(lp, old.to(device), adv[idx].to(device), batch["loss_mask"],
+                                     keep[idx].to(device), args.clip_low, args.clip_high)
+            if ref is not None:
+                with torch.no_grad():
+                    ref_lp = token_logprobs(ref, batch)
+                d = ref_lp - lp
+                m = batch["loss_mask"].float()
+                loss = loss + args.kl * ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise SystemExit(f"step {step + 1}: the loss is {loss.item()}; stopping. The last good "
+                                 f"checkpoint is {out}." if state_file.exists() else f"step {step + 1}: the loss is "
+                                 f"{loss.item()}; stopping before any checkpoint was saved.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            clips.append(clip.item())
+            n_tok += int(batch["attention_mask"].sum())
+        step += 1
+        all_t = [s[0] for s in stats]
+        record = {"step": step, "reward_mean": float(np.mean([s[1] for s in stats])),
+                  "accuracy": float(np.mean([s[2] for s in stats])),
+                  "mean_turns": float(np.mean([t.turns for t in all_t])),
+                  "share_exceeded": float(np.mean([t.exceeded for t in all_t])),
+                  "share_groups_dropped": dropped / max(tried, 1),
+                  "loss": float(np.mean(losses)) if losses else 0.0, "clip_fraction": float(np.mean(clips)) if clips else 0.0,
+                  "tokens_per_s": (sum(len(t.token_ids) for t in all_t) + n_tok) / (time.time() - t0)}
+        append_jsonl(log, record)
+        bar.set_postfix(acc=f"{record['accuracy']:.2f}", turns=f"{record['mean_turns']:.1f}",
+                        exc=f"{record['share_exceeded']:.2f}")
+        bar.update(1)
+        tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(model, processor, out, {"trainer_state.pt": {
+                "optimizer": opt.state_dict(), "step": step, "cursor": cursor, "args": vars(args)}})
+    bar.close()
+    print(f"saved {out} after {step} steps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""GRPO pieces against hand-computed values, and a few RL steps end to end."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import rl
+from common import load, read_jsonl, save_checkpoint
+from infer import Engine, Sample
+from sft import collate, token_logprobs
+
+
+def test_group_advantages_official_and_paper():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    keep = torch.tensor([True, True, False, True, True, True, True, False])
+    official = rl.group_advantages(rewards, 4, keep, exclude_masked_from_stats=False)
+    # group 1: mean 0.25, unbiased std 0.5; group 2: mean 0.75, std 0.5
+    assert torch.allclose(official, torch.tensor([1.5, -0.5, -0.5, -0.5, 0.5, 0.5, -1.5, 0.5]), atol=1e-5)
+    paper = rl.group_advantages(rewards, 4, keep, exclude_masked_from_stats=True)
+    s = 1 / math.sqrt(3)   # group 1 kept rewards [1, 0, 0]: mean 1/3, std 1/sqrt(3); group 2 kept [1, 1, 0]: mean 2/3
+    want = [(2 / 3) / s, -(1 / 3) / s, -(1 / 3) / s, -(1 / 3) / s, (1 / 3) / s, (1 / 3) / s, -(2 / 3) / s, (1 / 3) / s]
+    assert torch.allclose(paper, torch.tensor(want), atol=1e-4)
+    tied = rl.group_advantages(torch.ones(4), 4, torch.ones(4, dtype=torch.bool), False)
+    assert torch.equal(tied, torch.zeros(4))
+
+
+def _reference_loss(lp, old, adv, mask, keep, lo, hi):
+    num, den, clipped = 0.0, 0, 0
+    for i in range(len(lp)):
+        for t in range(len(lp[0])):
+            if not (mask[i][t] and keep[i]):
+                continue
+            r = math.exp(lp[i][t] - old[i][t])
+            a = adv[i]
+            rc = min(max(r, 1 - lo), 1 + hi)
+            num += max(-a * r, -a * rc)
+            clipped += (-a * rc) > (-a * r)
+            den += 1
+    return num / den, clipped / den
+
+
+def test_policy_loss_matches_hand_computation_and_masked_rows_get_no_gradient():
+    old = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, 0.0], [-0.3, -0.7, -1.2, -2.0]])
+    delta = torch.tensor([[math.log(1.5), 0.1, -0.05, 0.0], [math.log(0.5), 0.2, 0.0, 0.0], [0.3, -0.3, 0.05, 0.2]])
+    adv = torch.tensor([0.8, -1.2, 0.5])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    keep = torch.tensor([True, True, False])
+    lp = (old + delta).clone().requires_grad_(True)
+    loss, clip = rl.policy_loss(lp, old, adv, mask, keep, 0.2, 0.3)
+    want, want_clip = _reference_loss((old + delta).tolist(), old.tolist(), adv.tolist(), mask.tolist(), keep.tolist(), 0.2, 0.3)
+    assert loss.item() == pytest.approx(want, rel=1e-6) and clip.item() == pytest.approx(want_clip)
+    loss.backward()
+    assert torch.all(lp.grad[2] == 0)                 # the over-turn masked row: exactly zero
+    assert torch.all(lp.grad[0, 3] == 0) and torch.all(lp.grad[1, 2:] == 0)   # unmasked positions only
+    assert lp.grad[0, 1] != 0
+    # the same row kept: it now gets a gradient
+    lp2 = (old + delta).clone().requires_grad_(True)
+    rl.policy_loss(lp2, old, adv, mask, torch.tensor([True, True, True]))[0].backward()
+    assert lp2.grad[2].abs().sum() > 0
+    # a huge ratio on a masked row cannot leak a NaN into the gradient
+    lp3 = (old + delta).clone()
+    lp3[2] = 500.0
+    lp3.requires_grad_(True)
+    l3, _ = rl.policy_loss(lp3, old, adv, mask, keep)
+    l3.backward()
+    assert torch.isfinite(l3) and torch.all(lp3.grad[2] == 0)
+
+
+def test_engine_old_logprobs_equal_training_forward(tiny, probe_dir):
+    model, proc = tiny
+    from common import load_image
+    row = read_jsonl(probe_dir / "train.jsonl")[0]
+    trajs = Engine(model, proc).run([Sample(load_image(row, probe_dir), row["problem"])] * 3, max_turns=2,
+                                    temperature=1.0, seed=5, max_turn_tokens=24, progress=False)
+    batch = collate([{"ids": t.token_ids, "mask": t.sampled_mask, "shown": t.shown} for t in trajs], proc, "cpu")
+    with torch.no_grad():
+        lp = token_logprobs(model, batch)
+    for j, t in enumerate(trajs):
+        idx = [i for i, m in enumerate(t.sampled_mask) if m]
+        assert torch.allclose(lp[j, idx], torch.tensor([t.logprobs[i] for i in idx]), atol=1e-4)
+        assert batch["loss_mask"][j].sum() == len(idx)
+
+
+def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monkeypatch):
+    model, proc = tiny
+    save_checkpoint(model, proc, tmp_path / "init")
+    # a random model never answers: give rewards that vary (the reward itself is tested above)
+    monkeypatch.setattr(rl, "rewards_for", lambda trajs, rows, *a, **k: [float(t.token_ids[-1] % 2) for t in trajs])
+    rl.main(["--model", str(tmp_path / "init"), "--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "rl"),
+             "--steps", "2", "--prompts", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
+             "--lr", "1e-3", "--save-every", "1", "--no-overturn-mask"])   # (masked, every row here would be off)
+    log = read_jsonl(tmp_path / "rl_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2]
+    assert {"reward_mean", "accuracy", "mean_turns", "share_exceeded", "share_groups_dropped", "loss",
+            "clip_fraction", "tokens_per_s"} <= set(log[0])
+    assert log[0]["share_exceeded"] == 1.0   # 12 tokens a turn: every rollout runs out of tokens
+    trained, _ = load(str(tmp_path / "rl"))
+    before = model.state_dict()
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not any(k.startswith("model.visual.") for k in changed)   # vision tower frozen
