@@ -1,0 +1,152 @@
+"""Stage 4: accuracy per split and per turn cap, Avg@K, and pictures of the search.
+
+    python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl
+    python eval.py --model Mini-o3/Mini-o3-7B-v1 --data data/vp_hard/test.jsonl --samples 32 --judge Qwen/Qwen2.5-72B-Instruct
+
+Every question is rolled out once (or K times with --samples) at the largest turn cap; the accuracy
+at each smaller cap comes from the same trajectories: an answer given at turn t counts for every
+cap >= t, and a trajectory still searching at turn c has no answer under cap c. (For greedy
+decoding this is exactly what a run at cap c would give; for sampling, the same distribution.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common import atomic_path, grade, load, load_image, read_jsonl, write_jsonl
+from infer import Engine, Sample, draw_search, judge
+
+
+def correct_at_cap(t: dict, cap: int) -> bool:
+    """Was this trajectory's answer given within `cap` turns, and right?"""
+    return bool(t["correct"] and t["answered"] and t["turns"] <= cap)
+
+
+def summarise(trajs: list[dict], caps: list[int]) -> dict:
+    """Every figure of results.json, computed from the trajectory records alone."""
+    by = lambda key: sorted({t[key] for t in trajs})
+    acc = lambda ts, cap=max(caps): float(np.mean([correct_at_cap(t, cap) for t in ts])) if ts else 0.0
+    answered = [t for t in trajs if t["answered"]]
+    right = [t for t in trajs if correct_at_cap(t, max(caps))]
+    per_sample = [acc([t for t in trajs if t["sample"] == k]) for k in by("sample")]
+    return {
+        "overall": acc(trajs),
+        "by_difficulty": {d: acc([t for t in trajs if t["difficulty"] == d]) for d in by("difficulty")},
+        "by_turn_cap": {str(c): acc(trajs, c) for c in caps},
+        "by_turn_cap_difficulty": {d: {str(c): acc([t for t in trajs if t["difficulty"] == d], c) for c in caps}
+                                   for d in by("difficulty")},
+        "avg_at_k": float(np.mean(per_sample)), "k": len(per_sample),
+        "mean_turns": float(np.mean([t["turns"] for t in trajs])),
+        "mean_turns_correct": float(np.mean([t["turns"] for t in right])) if right else 0.0,
+        "zoom_rate": float(np.mean([t["zooms"] > 0 for t in answered])) if answered else 0.0,
+        "answered_rate": len(answered) / len(trajs),
+        "exceeded_rate": float(np.mean([t["exceeded"] for t in trajs])),
+        "tool_error_rate": float(np.mean([t["tool_errors"] > 0 for t in trajs])),
+        "n_questions": len({t["doc_id"] for t in trajs}), "n_trajectories": len(trajs),
+    }
+
+
+def line_plot(series: dict[str, dict[str, float]], path: Path, title: str):
+    """Accuracy against turn cap, one line per difficulty (drawn with PIL: no plotting library)."""
+    W, H, L, R, T, B = 640, 420, 64, 130, 40, 50
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    caps = sorted({int(c) for s in series.values() for c in s})
+    x = lambda c: L + (W - L - R) * (caps.index(c) / max(1, len(caps) - 1))
+    y = lambda v: H - B - (H - T - B) * v
+    d.text((L, 12), title, fill="black")
+    for v in np.linspace(0, 1, 6):
+        d.line([L, y(v), W - R, y(v)], fill=(225, 225, 225))
+        d.text((L - 34, y(v) - 6), f"{v:.1f}", fill="black")
+    for c in caps:
+        d.text((x(c) - 6, H - B + 8), str(c), fill="black")
+    d.text(((W - R + L) // 2 - 30, H - 22), "turn cap", fill="black")
+    d.line([L, T, L, H - B, W - R, H - B], fill="black")
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (90, 90, 90)]
+    for i, (name, s) in enumerate(series.items()):
+        pts = [(x(int(c)), y(v)) for c, v in sorted(s.items(), key=lambda kv: int(kv[0]))]
+        col = colours[i % len(colours)]
+        d.line(pts, fill=col, width=3)
+        for px, py in pts:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+        d.line([W - R + 12, T + 18 * i + 6, W - R + 32, T + 18 * i + 6], fill=col, width=3)
+        d.text((W - R + 38, T + 18 * i), name, fill="black")
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/tiny/rl")
+    ap.add_argument("--data", default="runs/tiny/probe/test.jsonl")
+    ap.add_argument("--out", default="runs/tiny/eval")
+    ap.add_argument("--turn-caps", default="1,2,4,6,8,12,16")
+    ap.add_argument("--samples", type=int, default=1, help="rollouts per question (Avg@K)")
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 1.0)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
+    ap.add_argument("--max-turn-tokens", type=int, default=256)
+    ap.add_argument("--max-total-tokens", type=int, default=8192)
+    ap.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--examples", type=int, default=6, help="trajectory pictures to draw")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    caps = sorted(int(c) for c in args.turn_caps.split(","))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load(args.model, device=device)
+    if args.max_pixels:
+        processor.budget.max_pixels = args.max_pixels
+    rows = read_jsonl(args.data)[: args.limit or None]
+    root = Path(args.data).parent
+    out = Path(args.out)
+    t0 = time.time()
+    engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
+    images = [load_image(r, root) for r in rows]
+    results = engine.run([Sample(images[i], r["problem"]) for i, r in enumerate(rows) for _ in range(args.samples)],
+                         max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
+                         max_turn_tokens=args.max_turn_tokens)
+    flat_rows = [r for r in rows for _ in range(args.samples)]
+    if args.judge:
+        correct = judge(Engine(*load(args.judge, device=device), max_batch=args.max_batch), flat_rows,
+                        [t.answer for t in results])
+    else:
+        correct = [grade(t.answer, r) for t, r in zip(results, flat_rows)]
+    trajs = []
+    for k, (t, r, c) in enumerate(zip(results, flat_rows, correct)):
+        trajs.append({"doc_id": r["doc_id"], "difficulty": r.get("difficulty", "all"), "sample": k % args.samples,
+                      "solution": r["solution"], "answer": t.answer, "correct": bool(c), "answered": t.answered,
+                      "turns": t.turns, "zooms": len(t.crops), "exceeded": t.exceeded, "tool_errors": t.tool_errors,
+                      "crops": t.crops, "turn_texts": t.turn_texts})
+    res = summarise(trajs, caps)
+    res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,
+                "turn_caps": caps, "seconds": round(time.time() - t0, 1)})
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "trajectories.jsonl", trajs)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(res, indent=1))
+    series = {**res["by_turn_cap_difficulty"], "all": res["by_turn_cap"]}
+    line_plot(series, out / "turn_scaling.png", f"{Path(args.model).name} on {Path(args.data).name}")
+    (out / "examples").mkdir(exist_ok=True)
+    shown = [i for i, t in enumerate(trajs) if t["crops"]][: args.examples]
+    for i in shown:
+        draw_search(images[i // args.samples], trajs[i]["crops"],
+                    out / "examples" / f"{i:03d}_{trajs[i]['difficulty']}_{'right' if trajs[i]['correct'] else 'wrong'}.png")
+    print(f"\n{'':12}" + "".join(f"{'cap ' + str(c):>9}" for c in caps))
+    for d, s in series.items():
+        print(f"{d:12}" + "".join(f"{s[str(c)]:9.3f}" for c in caps))
+    print(f"overall {res['overall']:.3f}  Avg@{res['k']} {res['avg_at_k']:.3f}  mean turns {res['mean_turns']:.2f}  "
+          f"(correct: {res['mean_turns_correct']:.2f})  zoom rate {res['zoom_rate']:.2f}  exceeded "
+          f"{res['exceeded_rate']:.2f}  [{res['n_trajectories']} rollouts, {res['seconds']:.0f}s] -> {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
