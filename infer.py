@@ -78,6 +78,7 @@ class _Row:
         self.logprobs: list[float] = []
         self.images: list[Image.Image] = []    # images of the unfed tokens
         self.turn_ids: list[int] = []          # tokens of the assistant turn being generated
+        self.tail = ""                         # the end of that turn's text (for stop strings)
         self.traj = Trajectory([], [], [])
         self.length = 0                        # tokens in the cache
         self.next_pos = 0                      # M-RoPE position of the next token to feed
@@ -104,18 +105,51 @@ class Engine:
         self.max_batch, self.max_len = max_batch, max_len
         self.im_end = self.tok.convert_tokens_to_ids(IM_END)
         self.use_flash = flash_attn_with_kvcache is not None and self.device.type == "cuda"
-        shape = (max_batch, max_len, self.n_kv, self.head_dim)   # flash-attn's cache layout
+        # the cache: flash-attn wants [batch, length, kv_heads, head_dim]; SDPA reads
+        # [batch, kv_heads, length, head_dim] without a copy, so each backend gets its own layout
+        shape = ((max_batch, max_len, self.n_kv, self.head_dim) if self.use_flash else
+                 (max_batch, self.n_kv, max_len, self.head_dim))
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.lm.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.lm.layers]
+        self.fuse = self.device.type == "cpu"   # small CPU models: fewer, larger matrix products
+        self.refresh()
+        # the text of every token, to spot stop strings without decoding whole turns each step
+        self.pieces = [self.tok.decode([i]) for i in range(len(self.tok))]
         self.prefill_tokens = 0   # statistics for the benchmark
         self.decode_tokens = 0
+
+    def refresh(self):
+        """Read the model's current weights (call after a training step; run() does it). On CPU
+        the q/k/v and the gate/up projections are concatenated: one product instead of three/two."""
+        self.w = []
+        for layer in self.lm.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            if self.fuse:   # the RMSNorm weights are folded in too: W diag(w)
+                ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+                qkv = (torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]) * ln1,
+                       torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]))
+                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * ln2
+            else:
+                qkv, gate_up = None, None
+            self.w.append((qkv, gate_up))
+        positions = torch.arange(self.max_len + 1, device=self.device)
+        self.text_cos, self.text_sin = self._rope(positions[None, None].expand(3, 1, -1))   # [1, P, d]
+
+    def _cache_rows(self, cache, slot, n, L, contiguous):
+        """The first L cached positions of the given rows, as [n, kv_heads, L, head_dim]."""
+        if self.use_flash:
+            rows = cache[:n, :L] if contiguous else cache[slot, :L]
+            return rows.transpose(1, 2)
+        return cache[:n, :, :L] if contiguous else cache[slot, :, :L]
 
     # ------------------------------------------------------------------------------------------
     # The decoder, written out
     # ------------------------------------------------------------------------------------------
-    def _rms(self, x, weight):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * weight
+    def _rms(self, x, weight=None):
+        """RMSNorm as Qwen2 computes it: in float32, then scaled by the weight in the model's dtype
+        (weight None: it was folded into the next product)."""
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return x if weight is None else x * weight
 
     def _rope(self, pos):
         """cos, sin [n, T, head_dim] from M-RoPE positions [3, n, T]: the rotary frequencies are
@@ -125,6 +159,18 @@ class Engine:
         freqs = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _attend(self, q, K, V, mask):
+        """Attention of q [n, heads, T, d] over K, V [n, kv_heads, L, d] where mask [n, 1, T, L].
+        A decode step (T = 1) is written as two products over the grouped heads, which on CPU is
+        faster than the fused kernel; longer chunks use scaled_dot_product_attention."""
+        n, H, T, d = q.shape
+        if T > 1:
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+        g = H // self.n_kv
+        scores = torch.matmul(q.view(n, self.n_kv, g, d), K.transpose(-1, -2)) * d ** -0.5   # [n, kv, g, L]
+        scores = scores.masked_fill(~mask.view(n, 1, 1, -1), float("-inf"))
+        return torch.matmul(scores.softmax(-1), V).view(n, H, 1, d)
 
     @staticmethod
     def _rotate(x, cos, sin):
@@ -139,27 +185,35 @@ class Engine:
         `starts` are the rows' cache lengths, `positions` their next M-RoPE positions."""
         n, T = len(slots), max(len(c) for c in chunks)
         dev = self.device
-        ids = torch.full((n, T), self.tok.pad_token_id, dtype=torch.long)
-        pos = torch.zeros(3, n, T, dtype=torch.long)
         flat = [im for ims in images for im in ims]
-        if flat:
-            pixel_values, grids = self.processor.pixels(flat)
-            grid_list = [tuple(g) for g in grids.tolist()]
-        nexts, g = [], 0
-        for r, chunk in enumerate(chunks):
-            ids[r, :len(chunk)] = torch.tensor(chunk)
-            p, nxt = rope_positions(chunk, grid_list[g:g + len(images[r])] if images[r] else [],
-                                    positions[r], self.processor.image_token_id, self.processor.merge)
-            g += len(images[r])
-            pos[:, r, :len(chunk)] = p
-            nexts.append(nxt)
+        if T == 1 and not flat:   # a decode step: one text token a row, positions just advance
+            ids = torch.tensor(chunks)
+            pos = torch.tensor(positions)[None, :, None].expand(3, n, 1)
+            nexts = [p + 1 for p in positions]
+        else:
+            ids = torch.full((n, T), self.tok.pad_token_id, dtype=torch.long)
+            pos = torch.zeros(3, n, T, dtype=torch.long)
+            if flat:
+                pixel_values, grids = self.processor.pixels(flat)
+                grid_list = [tuple(g) for g in grids.tolist()]
+            nexts, g = [], 0
+            for r, chunk in enumerate(chunks):
+                ids[r, :len(chunk)] = torch.tensor(chunk)
+                p, nxt = rope_positions(chunk, grid_list[g:g + len(images[r])] if images[r] else [],
+                                        positions[r], self.processor.image_token_id, self.processor.merge)
+                g += len(images[r])
+                pos[:, r, :len(chunk)] = p
+                nexts.append(nxt)
         ids, pos = ids.to(dev), pos.to(dev)
         x = self.lm.embed_tokens(ids)
         if flat:
             feats = self.model.model.visual(pixel_values.to(dev, self.dtype), grid_thw=grids.to(dev)).pooler_output
             mask = ids == self.processor.image_token_id
             x = x.masked_scatter(mask[..., None], feats.to(x.dtype))
-        cos, sin = self._rope(pos)
+        if T == 1 and not flat:   # text positions: a table lookup
+            cos, sin = self.text_cos[0, pos[0, :, 0]][:, None], self.text_sin[0, pos[0, :, 0]][:, None]
+        else:
+            cos, sin = self._rope(pos)
         cos, sin = cos[:, None], sin[:, None]                              # [n, 1, T, D]
         lens = torch.tensor([len(c) for c in chunks], device=dev)
         start = torch.tensor(starts, device=dev)
@@ -170,27 +224,37 @@ class Engine:
         limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
         attn_mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n,1,T,L]
         contiguous = slots == list(range(n))
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, layer in enumerate(self.lm.layers):
-            at = layer.self_attn
-            h = self._rms(x, layer.input_layernorm.weight)
-            q = at.q_proj(h).view(n, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = at.k_proj(h).view(n, T, self.n_kv, self.head_dim).transpose(1, 2)
-            v = at.v_proj(h).view(n, T, self.n_kv, self.head_dim)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin).transpose(1, 2)
+            at, mlp = layer.self_attn, layer.mlp
+            (qkv, gate_up) = self.w[i]
+            h = self._rms(x, None if qkv is not None else layer.input_layernorm.weight)
+            if qkv is not None:
+                q, k, v = F.linear(h, *qkv).split([nq, nk, nk], dim=-1)
+            else:
+                q, k, v = at.q_proj(h), at.k_proj(h), at.v_proj(h)
+            # rotate q and k together (M-RoPE), as [n, heads, T, head_dim]
+            qk = self._rotate(torch.cat([q, k], -1).view(n, T, -1, self.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk[:, :self.n_heads], qk[:, self.n_heads:].transpose(1, 2)      # k: [n, T, kv, d]
+            v = v.view(n, T, self.n_kv, self.head_dim)
             if self.use_flash and int(start.max()) + T <= self.max_len:
                 o = flash_attn_with_kvcache(q.transpose(1, 2), self.k[i], self.v[i], k=k, v=v,
                                             cache_seqlens=start.int(), cache_batch_idx=slot.int(), causal=True)
             else:
-                self.k[i][slot[:, None], write] = k
-                self.v[i][slot[:, None], write] = v
-                K = self.k[i][:n, :L] if contiguous else self.k[i][slot, :L]
-                V = self.v[i][:n, :L] if contiguous else self.v[i][slot, :L]
-                o = F.scaled_dot_product_attention(q, K.transpose(1, 2), V.transpose(1, 2), attn_mask=attn_mask,
-                                                   enable_gqa=True).transpose(1, 2)
+                if self.use_flash:
+                    self.k[i][slot[:, None], write], self.v[i][slot[:, None], write] = k, v
+                else:
+                    self.k[i][slot[:, None], :, write], self.v[i][slot[:, None], :, write] = k, v
+                K = self._cache_rows(self.k[i], slot, n, L, contiguous)
+                V = self._cache_rows(self.v[i], slot, n, L, contiguous)
+                o = self._attend(q, K, V, attn_mask).transpose(1, 2)
             x = x + at.o_proj(o.reshape(n, T, -1))
-            h = self._rms(x, layer.post_attention_layernorm.weight)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            h = self._rms(x, None if gate_up is not None else layer.post_attention_layernorm.weight)
+            if gate_up is not None:
+                gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         last = x[torch.arange(n, device=dev), lens - 1]
         logits = self.model.lm_head(self._rms(last, self.lm.norm.weight))
         return logits.float(), nexts
@@ -201,10 +265,11 @@ class Engine:
     def run(self, samples: list[Sample], max_turns: int = 6, greedy: bool = False, temperature: float = 1.0,
             top_p: float = 1.0, seed: int = 0, max_turn_tokens: int = 256, max_total_tokens: int | None = None,
             max_images: int = 32, stop: tuple[str, ...] = STOP_STRINGS, progress: bool = True,
-            on_text=None) -> list[Trajectory]:
+            on_text=None, eos: bool = True) -> list[Trajectory]:
         """Play every sample's episode to its end; results come back in the samples' order.
         `on_text(sample_index, text)` is called with each piece of the conversation as it grows."""
         max_total = min(max_total_tokens or self.max_len, self.max_len)
+        self.refresh()
         gen = torch.Generator(device="cpu").manual_seed(seed)
         waiting = list(range(len(samples)))[::-1]
         rows: list[_Row] = []            # rows[i] lives in cache slot i
@@ -235,7 +300,10 @@ class Engine:
             last = rows.pop()        # else the last row moves here: active rows stay contiguous
             if slot < len(rows):
                 for cache in self.k + self.v:
-                    cache[slot, :last.length] = cache[len(rows), :last.length]
+                    if self.use_flash:
+                        cache[slot, :last.length] = cache[len(rows), :last.length]
+                    else:
+                        cache[slot, :, :last.length] = cache[len(rows), :, :last.length]
                 rows[slot] = last
 
         while waiting and len(rows) < self.max_batch:
@@ -270,25 +338,32 @@ class Engine:
                 self.decode_tokens += len(dec)
             # 2. choose each row's next token; end turns and episodes
             done = [i for i, r in enumerate(rows) if r.traj.over_length]
-            for i in sorted(logits):
+            order = sorted(logits)
+            if order:
+                stacked = torch.stack([logits[i] for i in order])
+                logp = F.log_softmax(stacked, -1)
+                chosen = stacked.argmax(-1) if greedy else _sample(stacked, temperature, top_p, gen)
+                for j, i in enumerate(order):   # scripted turns (tests, benchmarks) override the choice
+                    r = rows[i]
+                    forced = r.sample.forced[r.traj.turns] if r.sample.forced and r.traj.turns < len(r.sample.forced) else None
+                    if forced is not None and len(r.turn_ids) < len(forced):
+                        chosen[j] = forced[len(r.turn_ids)]
+                chosen_lp = logp.gather(1, chosen[:, None].to(logp.device))[:, 0].tolist()
+                chosen = chosen.tolist()
+            for j, i in enumerate(order):
                 r = rows[i]
                 turn = r.traj.turns
-                forced = r.sample.forced[turn] if r.sample.forced and turn < len(r.sample.forced) else None
-                if forced is not None and len(r.turn_ids) < len(forced):
-                    token = forced[len(r.turn_ids)]
-                elif greedy:
-                    token = int(torch.argmax(logits[i]))
-                else:
-                    token = _sample(logits[i], temperature, top_p, gen)
+                token = chosen[j]
                 r.ids.append(token)
                 r.sampled.append(True)
-                r.logprobs.append(float(F.log_softmax(logits[i], -1)[token]))
+                r.logprobs.append(chosen_lp[j])
                 r.turn_ids.append(token)
-                text = self.tok.decode(r.turn_ids)
-                closed = token == self.im_end
-                stopped = closed or any(s in text for s in stop)
+                r.tail = (r.tail + self.pieces[token])[-64:]
+                closed = eos and token == self.im_end
+                stopped = closed or any(s in r.tail for s in stop)
                 if not stopped:
                     if len(r.turn_ids) >= max_turn_tokens or len(r.ids) >= max_total:
+                        text = self.tok.decode(r.turn_ids)
                         r.traj.over_length = True     # ran out of tokens mid-turn
                         r.traj.turns += 1
                         r.traj.turn_texts.append(text)
@@ -296,9 +371,10 @@ class Engine:
                             on_text(r.index, text)
                         done.append(i)
                     continue
+                text = self.tok.decode(r.turn_ids)
                 r.traj.turns += 1
                 r.traj.turn_texts.append(text)
-                r.turn_ids = []
+                r.turn_ids, r.tail = [], ""
                 if on_text:
                     on_text(r.index, text)
                 action = r.episode.parse(text.replace(IM_END, ""))
@@ -340,13 +416,16 @@ def judge(engine: "Engine", rows: list[dict], answers: list[str | None]) -> list
     return scores
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    probs = F.softmax(logits / max(temperature, 1e-6), -1)
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of [rows, vocab] logits: temperature, then top-p (nucleus) filtering."""
+    probs = F.softmax(logits.float() / max(temperature, 1e-6), -1).cpu()
     if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p      # keep the smallest set reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
 
 
 # ----------------------------------------------------------------------------------------------
