@@ -81,8 +81,24 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str):
         im.save(tmp, format="PNG")
 
 
+def compare(dirs: list[str], out: Path):
+    """One table (accuracy per difficulty at each turn cap) and one plot for several evaluations."""
+    runs = {Path(d).name: json.loads((Path(d) / "results.json").read_text()) for d in dirs}
+    caps = sorted({int(c) for r in runs.values() for c in r["by_turn_cap"]})
+    print(f"{'run':14}{'difficulty':12}" + "".join(f"{'cap ' + str(c):>9}" for c in caps) + f"{'turns':>8}{'zoom':>7}")
+    for name, r in runs.items():
+        for d, s in {**r["by_turn_cap_difficulty"], "all": r["by_turn_cap"]}.items():
+            extra = f"{r['mean_turns']:8.2f}{r['zoom_rate']:7.2f}" if d == "all" else ""
+            print(f"{name:14}{d:12}" + "".join(f"{s.get(str(c), float('nan')):9.3f}" for c in caps) + extra)
+    line_plot({f"{n} {d}": s for n, r in runs.items() for d, s in {**r["by_turn_cap_difficulty"],
+                                                                   "all": r["by_turn_cap"]}.items()}, out,
+              " vs ".join(runs))
+
+
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", nargs="+", metavar="DIR", help="print one table for these eval folders "
+                    "and draw them in one plot (--out is then the PNG)")
     ap.add_argument("--model", default="runs/tiny/rl")
     ap.add_argument("--data", default="runs/tiny/probe/test.jsonl")
     ap.add_argument("--out", default="runs/tiny/eval")
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args.compare, Path(args.out if args.out.endswith(".png") else args.out + ".png"))
     caps = sorted(int(c) for c in args.turn_caps.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load(args.model, device=device)

@@ -183,6 +183,73 @@ def describe_object(o: dict) -> str:
     return f"a {o['colour']} {o['shape']} with the character {o['glyph']}"
 
 
+AUX_SIZES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(GLYPHS), GRID, GRID)   # classes per label
+
+
+def token_labels(placed: list[dict], box: tuple[int, int, int, int], size: int, shown: tuple[int, int]) -> np.ndarray:
+    """Per-token targets for the base model's auxiliary heads, [tokens, 5]: colour, shape and
+    character of the object a token shows (0 = none, -100 = not judged) and the grid row and
+    column of the token's centre in the whole scene. `box` is the region of the scene (pixels)
+    that the image shows; `shown` its size at the budget (28 px a token)."""
+    x0, y0, x1, y1 = box
+    W, H = shown
+    gw, gh = W // 28, H // 28
+    sx, sy = (x1 - x0) / W, (y1 - y0) / H                     # scene pixels per shown pixel
+    lab = np.zeros((gh, gw, 5), np.int64)
+    cx = x0 + (np.arange(gw) + 0.5) * 28 * sx
+    cy = y0 + (np.arange(gh) + 0.5) * 28 * sy
+    lab[..., 3] = np.clip(cy * GRID // size, 0, GRID - 1)[:, None]
+    lab[..., 4] = np.clip(cx * GRID // size, 0, GRID - 1)[None, :]
+    colours, glyphs = list(COLOURS), GLYPHS
+    for o in placed:
+        ox0, oy0, ox1, oy1 = [(o["box"][0] - x0) / sx, (o["box"][1] - y0) / sy, (o["box"][2] - x0) / sx, (o["box"][3] - y0) / sy]
+        c0, c1 = max(0, int(ox0 // 28)), min(gw, int(np.ceil(ox1 / 28)))
+        r0, r1 = max(0, int(oy0 // 28)), min(gh, int(np.ceil(oy1 / 28)))
+        if c0 >= c1 or r0 >= r1:
+            continue
+        seen = ox1 - ox0                                       # the object's size as shown
+        lab[r0:r1, c0:c1, 0] = 1 + colours.index(o["colour"])
+        lab[r0:r1, c0:c1, 1] = 1 + SHAPES.index(o["shape"]) if seen >= 12 else -100
+        lab[r0:r1, c0:c1, 2] = -100                            # parts of the glyph: not judged
+        mr, mc = int((oy0 + oy1) / 2 // 28), int((ox0 + ox1) / 2 // 28)
+        if DOT / sx >= 2 and 0 <= mr < gh and 0 <= mc < gw:   # readable: its centre token names it
+            lab[mr, mc, 2] = 1 + glyphs.index(o["glyph"])
+    return lab.reshape(-1, 5)
+
+
+def glyph_sheet(rng: np.random.Generator, size: int = 280, per_side: int = 4) -> tuple[Image.Image, np.ndarray]:
+    """A dense sheet of objects drawn at zoom-in scale (4 px glyph dots), on a patch of the
+    gradient background: many labelled shapes and characters a picture, for the vision tower's
+    auxiliary pretraining. Returns the image and its per-token labels (no grid position)."""
+    scene_size = int(rng.choice([1024, 1536]))
+    ox, oy = rng.integers(0, scene_size - size, 2)
+    img = Image.fromarray(background(scene_size)[oy:oy + size, ox:ox + size].copy())
+    draw = ImageDraw.Draw(img)
+    cell = size // per_side
+    placed = []
+    for r in range(per_side):
+        for c in range(per_side):
+            if rng.random() < 0.15:
+                continue
+            obj = int(rng.integers(cell - 14, cell - 3))
+            x0 = c * cell + int(rng.integers(0, cell - obj + 1))
+            y0 = r * cell + int(rng.integers(0, cell - obj + 1))
+            o = {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
+                 "glyph": str(rng.choice(GLYPHS)), "box": [x0, y0, x0 + obj, y0 + obj]}
+            draw_object(draw, o)
+            placed.append(o)
+    labels = token_labels(placed, (0, 0, size, size), size, img.size)
+    labels[:, 3:] = -100
+    return img, labels
+
+
+def labelled_overview(rng: np.random.Generator, level: str, budget: Budget = BUDGET) -> tuple[Image.Image, np.ndarray]:
+    """A probe scene's overview at the budget with its per-token labels (vision pretraining)."""
+    img, _, placed = probe_sample(rng, level)
+    shown = budget.resize(img)
+    return shown, token_labels(placed, (0, 0) + img.size, img.width, shown.size)
+
+
 def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, level: str | None = None):
     """One perception sample at the pixel budget the pipeline uses: (image, question, answer, meta).
 
@@ -198,11 +265,13 @@ def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, le
     if task in ("describe", "read"):
         img, fields, placed = probe_sample(rng, level)
         o = placed[int(rng.integers(len(placed)))]
-        crop = img.crop([int(v * k["size"]) for v in cell_box(o["cell"], k["size"])])
-        meta = {"glyph": o["glyph"], "colour": o["colour"], "shape": o["shape"]}
+        box = tuple(int(v * k["size"]) for v in cell_box(o["cell"], k["size"]))
+        shown = budget.resize(img.crop(box))
+        meta = {"glyph": o["glyph"], "colour": o["colour"], "shape": o["shape"],
+                "tokens": token_labels(placed, box, k["size"], shown.size)}
         if task == "describe":
-            return budget.resize(crop), "What is in this image?", f"It is {describe_object(o)}.", meta
-        return budget.resize(crop), f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
+            return shown, "What is in this image?", f"It is {describe_object(o)}.", meta
+        return shown, f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
     if task == "locate":
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         img, placed = scene(rng, k["size"], k["obj"], [(colour, shape)], k["clutter"])
@@ -212,7 +281,9 @@ def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, le
         colour = placed[int(rng.integers(len(placed)))]["colour"]
         cells = sorted(o["cell"] for o in placed if o["colour"] == colour)
         boxes = ", ".join(fmt_box(cell_box(c, img.width)) for c in cells)
-        return budget.resize(img), f"Where are the {colour} objects?", f"The {colour} objects: {boxes}.", {"cells": cells}
+        shown = budget.resize(img)
+        return (shown, f"Where are the {colour} objects?", f"The {colour} objects: {boxes}.",
+                {"cells": cells, "tokens": token_labels(placed, (0, 0) + img.size, img.width, shown.size)})
     elif task == "find":
         img, fields, placed = probe_sample(rng, "easy")
         o = placed[int(rng.integers(len(placed)))]
@@ -220,9 +291,11 @@ def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, le
             o = placed[0]   # ask only about a unique object
     else:
         raise ValueError(f"unknown base task {task!r}; choose from {BASE_TASKS}")
-    return (budget.resize(img), f"Where is the {o['colour']} {o['shape']}? Give its box.",
+    shown = budget.resize(img)
+    return (shown, f"Where is the {o['colour']} {o['shape']}? Give its box.",
             f"The {o['colour']} {o['shape']} is at {fmt_box(cell_box(o['cell'], img.width))}.",
-            {"target_bbox": [v / img.width for v in o["box"]]})
+            {"target_bbox": [v / img.width for v in o["box"]],
+             "tokens": token_labels(placed, (0, 0) + img.size, img.width, shown.size)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +330,7 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
         for i in range(n):
             task = BASE_TASKS[i % len(BASE_TASKS)]
             img, question, answer, meta = base_sample(np.random.default_rng([seed, SPLIT_IDS[split], i]), task)
+            meta.pop("tokens")
             name = f"images/{split}_{i:06d}.png"
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import make_probe
 from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Episode, append_jsonl, encode_chunk,
-                    image_token_count, load, prompt_text, read_jsonl, rope_positions, save_checkpoint,
-                    seed_everything, tool_turn_text, load_image)
+                    image_token_count, load, load_image, prompt_text, read_jsonl, rope_positions, save_checkpoint,
+                    seed_everything, tool_turn_text)
+from infer import Engine, Sample
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +66,10 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
     """Right-padded batch with M-RoPE positions; padding and non-assistant tokens get no loss.
     The length is rounded up to a multiple of `multiple`: on CPU, oneDNN compiles a kernel for
     every new matrix shape (milliseconds each), so shapes that repeat are much faster."""
+    if "ids" not in samples[0]:   # images only (the base model's vision pretraining)
+        pixel_values, grids = processor.pixels([im for s in samples for im in s["shown"]])
+        return {"pixel_values": pixel_values.to(device), "image_grid_thw": grids.to(device),
+                "aux": torch.cat([torch.as_tensor(s["aux"]) for s in samples]).to(device)}
     pad = processor.tokenizer.pad_token_id
     n = -(-max(len(s["ids"]) for s in samples) // multiple) * multiple
     ids = torch.full((len(samples), n), pad, dtype=torch.long)
@@ -81,9 +87,12 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
         sample_grids = [tuple(x) for x in grids[g:g + len(s["shown"])].tolist()]
         g += len(s["shown"])
         pos[:, b, :k] = rope_positions(s["ids"], sample_grids, 0, processor.image_token_id, processor.merge)[0]
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": pos.to(device),
-            "pixel_values": pixel_values.to(device), "image_grid_thw": grids.to(device),
-            "loss_mask": loss_mask.to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": pos.to(device),
+             "pixel_values": pixel_values.to(device), "image_grid_thw": grids.to(device),
+             "loss_mask": loss_mask.to(device)}
+    if all("aux" in s for s in samples):   # per-token targets, in the vision tower's output order
+        batch["aux"] = torch.cat([torch.as_tensor(s["aux"]) for s in samples]).to(device)
+    return batch
 
 
 def token_logprobs(model, batch: dict) -> torch.Tensor:
@@ -99,25 +108,43 @@ def token_logprobs(model, batch: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Data: trajectories from a JSONL file, or the base perception curriculum drawn on the fly.
 # ----------------------------------------------------------------------------------------------
-BASE_CURRICULUM = [  # (first step, task weights)
-    (0, {"describe": 0.3, "read": 0.2, "locate": 0.3, "list": 0.2}),
-    (4000, {"describe": 0.15, "read": 0.15, "locate": 0.15, "list": 0.35, "find": 0.2}),
+BASE_CURRICULUM = [  # (first step, task weights). "sheet" and "scene" train the vision tower only.
+    (0, {"sheet": 0.6, "scene": 0.4}),
+    (1500, {"describe": 0.2, "read": 0.15, "locate": 0.2, "list": 0.15, "sheet": 0.15, "scene": 0.15}),
+    (4000, {"describe": 0.15, "read": 0.1, "locate": 0.15, "list": 0.3, "find": 0.15, "sheet": 0.15}),
 ]
+VISION_TASKS = ("sheet", "scene")
 
 
 def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None) -> tuple[str, list[dict]]:
     """A micro-batch of one base task at one difficulty level (so image sizes, and with them the
     matrix shapes, repeat from batch to batch)."""
-    import make_probe
     weights = weights or [w for start, w in BASE_CURRICULUM if step >= start][-1]
     rng = np.random.default_rng([seed, step])
     task = str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
     level = str(rng.choice(list(make_probe.LEVELS)))
     out = []
+    if task == "sheet":      # dense sheets of labelled objects: 4 x 4 a picture, so fewer pictures
+        return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
+                      (make_probe.glyph_sheet(rng) for _ in range(max(1, size // 2)))]
+    if task == "scene":
+        return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
+                      (make_probe.labelled_overview(rng, level, processor.budget) for _ in range(size))]
     for _ in range(size):
-        img, question, answer, _ = make_probe.base_sample(rng, task, processor.budget, level)
-        out.append(render(img, "<image>\n" + question, [answer], processor, system=PLAIN_SYSTEM_PROMPT))
+        img, question, answer, meta = make_probe.base_sample(rng, task, processor.budget, level)
+        out.append({**render(img, "<image>\n" + question, [answer], processor, system=PLAIN_SYSTEM_PROMPT),
+                    "aux": meta["tokens"]})
     return task, out
+
+
+def aux_loss(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Auxiliary per-token classification on the vision tower's output (base pretraining only):
+    colour, shape and character of what each image token shows, and its grid row and column.
+    Dense targets reach the small vision tower directly, instead of only through the few answer
+    tokens; the head is thrown away afterwards and the model stays the stock architecture."""
+    logits = head(feats.float()).split(make_probe.AUX_SIZES, dim=-1)
+    judged = [j for j in range(len(logits)) if (labels[:, j] != -100).any()]   # (sheets have no grid position)
+    return sum(F.cross_entropy(logits[j], labels[:, j], ignore_index=-100) for j in judged) / len(logits)
 
 
 def trajectory_turns(row: dict) -> list[str]:
@@ -160,7 +187,6 @@ def score_base(row: dict, pred: str) -> float:
 
 @torch.no_grad()
 def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens: int = 160) -> dict:
-    from infer import Engine, Sample
     engine = Engine(model, processor)
     samples = [Sample(image=load_image(r, root), question=r["problem"], system=PLAIN_SYSTEM_PROMPT) for r in rows]
     results = engine.run(samples, max_turns=1, greedy=True, max_turn_tokens=max_new_tokens, progress=False)
@@ -187,6 +213,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of --steps")
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the base mode's auxiliary per-token loss (0: off)")
     ap.add_argument("--tasks", default=None, help="base task weights, e.g. read:1,locate:2 (default: the curriculum)")
     ap.add_argument("--eval-data", default=None, help="held-out records to score every --eval-every steps")
     ap.add_argument("--eval-every", type=int, default=500)
@@ -213,6 +240,11 @@ def main(argv: list[str] | None = None):
     groups = [{"params": rest, "lr": args.lr}]
     if vision:
         groups.append({"params": vision, "lr": args.vision_lr or args.lr})
+    head, captured = None, {}
+    if args.base and args.aux > 0:
+        head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(make_probe.AUX_SIZES)).to(device)
+        groups.append({"params": list(head.parameters()), "lr": args.vision_lr or args.lr})
+        model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.01)
     warm = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -224,6 +256,8 @@ def main(argv: list[str] | None = None):
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
+        if head is not None and "aux_head" in state:
+            head.load_state_dict(state["aux_head"])
         print(f"resumed from {out} at step {step}")
     rows, root = [], None
     if not args.base:
@@ -239,7 +273,8 @@ def main(argv: list[str] | None = None):
     def checkpoint():
         save_checkpoint(model, processor, out, {"trainer_state.pt": {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-            "torch_rng": torch.get_rng_state(), "args": vars(args)}})
+            "torch_rng": torch.get_rng_state(), "args": vars(args),
+            **({"aux_head": head.state_dict()} if head is not None else {})}})
 
     bar = tqdm(total=args.steps, initial=step, desc="sft", dynamic_ncols=True)
     t0, tokens = time.time(), 0
@@ -254,12 +289,17 @@ def main(argv: list[str] | None = None):
             else:
                 samples = file_batch(rows, root, k, args.batch, args.seed, processor)
             micro.append(collate(samples, processor, device))
-        n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+        n_tok = max(1, sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b))
         for batch in micro:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                lp = token_logprobs(model, batch)
-            m = batch["loss_mask"].float()
-            loss = -(lp * m).sum() / n_tok
+                if "input_ids" in batch:
+                    lp = token_logprobs(model, batch)
+                    loss = -(lp * batch["loss_mask"].float()).sum() / n_tok
+                else:            # a vision-only batch: the auxiliary loss alone
+                    model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+                    loss = torch.zeros((), device=device)
+            if head is not None and "aux" in batch:
+                loss = loss + args.aux * aux_loss(head, captured["feats"], batch["aux"]) / len(micro)
             if not torch.isfinite(loss):
                 bar.close()
                 last = torch.load(state_file, weights_only=False)["step"] if state_file.exists() else None
@@ -268,7 +308,7 @@ def main(argv: list[str] | None = None):
                                  f"step {step + 1}: the loss is {loss.item()}; stopping before any checkpoint was saved.")
             loss.backward()
             total_loss += loss.item()
-            total_tokens += int(batch["attention_mask"].sum())
+            total_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         sched.step()

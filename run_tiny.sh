@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
+# Starts from the committed tiny base (checkpoints/tiny-base). About 30 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")"
+T0=$(date +%s)
+stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
+
+stage "0. synthetic Visual Probe data"
+python make_probe.py --out runs/tiny/probe --n-train 600 --n-test 90 --seed 1
+stage "1. cold-start trajectories (explorer teacher)"
+python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl
+stage "2. supervised fine-tuning from the tiny base"
+python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft
+stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl
+stage "4. evaluation: turn caps 1-16 on the test split"
+python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy
+python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy
+python eval.py --compare runs/tiny/eval_sft runs/tiny/eval_rl --out runs/tiny/compare.png
+echo; echo "done in $(( $(date +%s) - T0 ))s"
