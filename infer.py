@@ -39,6 +39,7 @@ class Sample:
     system: str = SYSTEM_PROMPT
     forced: list[list[int]] | None = None   # scripted token ids per turn (tests, teacher forcing)
     context: tuple[str, list[Image.Image]] | None = None   # earlier turns (few-shot) and their images
+    stop: tuple[str, ...] | None = None    # this row's stop strings (default: run()'s)
 
 
 @dataclass
@@ -360,7 +361,7 @@ class Engine:
                 r.turn_ids.append(token)
                 r.tail = (r.tail + self.pieces[token])[-64:]
                 closed = eos and token == self.im_end
-                stopped = closed or any(s in r.tail for s in stop)
+                stopped = closed or any(s in r.tail for s in (r.sample.stop if r.sample.stop is not None else stop))
                 if not stopped:
                     if len(r.turn_ids) >= max_turn_tokens or len(r.ids) >= max_total:
                         text = self.tok.decode(r.turn_ids)

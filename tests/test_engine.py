@@ -131,6 +131,17 @@ def test_logprobs_equal_transformers_log_softmax(tiny):
     assert torch.allclose(torch.tensor([t.logprobs[i] for i in idx]), ref, atol=1e-4)
 
 
+def test_per_row_stop_strings(tiny):
+    model, proc = tiny
+    img, q = _scene(8)
+    tok = proc.tokenizer
+    forced = [encode_chunk(tok, "<think>a</think> done here") + encode_chunk(tok, " and more text")]
+    out = Engine(model, proc).run([Sample(img, q, forced=forced, stop=("done",)), Sample(img, q, forced=forced)],
+                                  max_turns=1, greedy=True, max_turn_tokens=12, progress=False)
+    assert out[0].turn_texts[0].endswith("done") and not out[0].over_length
+    assert "and more" in out[1].turn_texts[0]
+
+
 def test_sampling_is_seeded(tiny):
     model, proc = tiny
     img, q = _scene(7)
