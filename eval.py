@@ -52,8 +52,8 @@ def summarise(trajs: list[dict], caps: list[int]) -> dict:
     }
 
 
-def line_plot(series: dict[str, dict[str, float]], path: Path, title: str):
-    """Accuracy against turn cap, one line per difficulty (drawn with PIL: no plotting library)."""
+def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabel: str = "turn cap"):
+    """Accuracy against turn cap (or any x), one line per series (drawn with PIL: no plotting library)."""
     W, H, L, R, T, B = 640, 420, 64, 130, 40, 50
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
@@ -66,7 +66,7 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str):
         d.text((L - 34, y(v) - 6), f"{v:.1f}", fill="black")
     for c in caps:
         d.text((x(c) - 6, H - B + 8), str(c), fill="black")
-    d.text(((W - R + L) // 2 - 30, H - 22), "turn cap", fill="black")
+    d.text(((W - R + L) // 2 - 30, H - 22), xlabel, fill="black")
     d.line([L, T, L, H - B, W - R, H - B], fill="black")
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (90, 90, 90)]
     for i, (name, s) in enumerate(series.items()):

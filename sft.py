@@ -196,6 +196,21 @@ def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens
     return {t: float(np.mean(v)) for t, v in sorted(per.items())}
 
 
+def plot_curves(log: Path, out: Path):
+    """Held-out accuracy per task against the training step, from the run's log."""
+    from eval import line_plot
+    evals = {}
+    for r in read_jsonl(log):
+        if "eval" in r:
+            evals[r["step"]] = r["eval"]   # a resumed run logs a step again: the last one counts
+    series: dict[str, dict[str, float]] = {}
+    for step, acc in sorted(evals.items()):
+        for task, v in acc.items():
+            series.setdefault(task, {})[str(step)] = v
+    if series:
+        line_plot(series, out, f"held-out accuracy by step ({log.name})", xlabel="step")
+
+
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +341,8 @@ def main(argv: list[str] | None = None):
             record["eval"] = acc
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
         append_jsonl(log, record)
+        if "eval" in record:
+            plot_curves(log, log.with_suffix(".png"))
         if step % args.save_every == 0 or step == args.steps:
             checkpoint()
     bar.close()
