@@ -112,6 +112,7 @@ BASE_CURRICULUM = [  # (first step, task weights). "sheet" and "scene" train the
     (0, {"sheet": 0.6, "scene": 0.4}),
     (1500, {"describe": 0.2, "read": 0.15, "locate": 0.2, "list": 0.15, "sheet": 0.15, "scene": 0.15}),
     (4000, {"describe": 0.15, "read": 0.1, "locate": 0.15, "list": 0.3, "find": 0.15, "sheet": 0.15}),
+    (5400, {"describe": 0.1, "read": 0.1, "locate": 0.05, "list": 0.4, "find": 0.2, "sheet": 0.15}),
 ]
 VISION_TASKS = ("sheet", "scene")
 
