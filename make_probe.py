@@ -52,6 +52,13 @@ LEVELS = {
 }
 DOT = 4   # one dot of the 5 x 7 glyph, in image pixels: under one pixel in any overview
 QUESTION = "What is the character printed on the {colour} {shape}?"
+
+
+def ask(question: str) -> str:
+    """A synthetic problem: the question, then the image. (VisualProbe puts the image first; the
+    protocol places it wherever "<image>" is.) With the question first, causal attention lets the
+    image tokens see what is asked, which a model this small needs to pick out one colour."""
+    return question + "\n<image>"
 BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)   # the tiny default; used for the stats table
 _GRADIENTS: dict[int, np.ndarray] = {}
 
@@ -149,7 +156,7 @@ def probe_sample(rng: np.random.Generator, level: str):
     other_colours = [c for c in COLOURS if c != colour]
     objects += [(str(rng.choice(other_colours)), str(rng.choice(SHAPES))) for _ in range(n_dis)]
     img, placed = scene(rng, k["size"], k["obj"], objects, k["clutter"])
-    fields = {"problem": "<image>\n" + QUESTION.format(colour=colour, shape=shape),
+    fields = {"problem": ask(QUESTION.format(colour=colour, shape=shape)),
               "solution": placed[0]["glyph"], "difficulty": level, "target_bbox": placed[0]["box"],
               "n_lookalikes": n_look, "n_distractors": n_dis}
     return img, fields, placed
@@ -334,7 +341,7 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
             name = f"images/{split}_{i:06d}.png"
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")
-            rows.append({"images": [name], "problem": "<image>\n" + question, "solution": answer,
+            rows.append({"images": [name], "problem": ask(question), "solution": answer,
                          "data_source": "synthetic_base", "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
         write_jsonl(out / f"{split}.jsonl", rows)
         print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")

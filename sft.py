@@ -133,7 +133,7 @@ def base_batch(step: int, size: int, seed: int, processor, weights: dict | None 
                       (make_probe.labelled_overview(rng, level, processor.budget) for _ in range(size))]
     for _ in range(size):
         img, question, answer, meta = make_probe.base_sample(rng, task, processor.budget, level)
-        out.append({**render(img, "<image>\n" + question, [answer], processor, system=PLAIN_SYSTEM_PROMPT),
+        out.append({**render(img, make_probe.ask(question), [answer], processor, system=PLAIN_SYSTEM_PROMPT),
                     "aux": meta["tokens"]})
     return task, out
 

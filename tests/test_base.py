@@ -15,7 +15,7 @@ def _run(task, n, seed):
         img, q, a, meta = make_probe.base_sample(np.random.default_rng([seed, i]), task, proc.budget, level)
         meta.pop("tokens")
         rows.append({"task": task, "solution": a, **meta})
-        samples.append(Sample(img, "<image>\n" + q, system=PLAIN_SYSTEM_PROMPT))
+        samples.append(Sample(img, make_probe.ask(q), system=PLAIN_SYSTEM_PROMPT))
     out = Engine(model, proc).run(samples, max_turns=1, greedy=True, max_turn_tokens=120, progress=False)
     return [score_base(r, t.turn_texts[0].replace("<|im_end|>", "")) for r, t in zip(rows, out)]
 

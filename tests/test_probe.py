@@ -35,7 +35,7 @@ def test_same_seed_same_bytes_and_disjoint_splits(tmp_path, probe_dir):
 def test_records_have_visualprobe_fields_and_the_target_is_where_it_says(probe_dir):
     for r in read_jsonl(probe_dir / "test.jsonl"):
         assert {"images", "problem", "solution", "data_source", "doc_id", "difficulty", "target_bbox"} <= set(r)
-        assert r["problem"].startswith("<image>\n") and r["solution"] in make_probe.GLYPHS
+        assert r["problem"].endswith("?\n<image>") and r["solution"] in make_probe.GLYPHS
         img = Image.open(probe_dir / r["images"][0]).convert("RGB")
         assert img.size[0] == make_probe.LEVELS[r["difficulty"]]["size"]
         x0, y0, x1, y1 = r["target_bbox"]
