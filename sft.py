@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import make_probe
-from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Episode, append_jsonl, encode_chunk,
+from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Episode, append_jsonl, encode_chunk, grade,
                     image_token_count, load, load_image, prompt_text, read_jsonl, rope_positions, save_checkpoint,
                     seed_everything, tool_turn_text)
 from infer import Engine, Sample
@@ -197,6 +197,20 @@ def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens
     return {t: float(np.mean(v)) for t, v in sorted(per.items())}
 
 
+@torch.no_grad()
+def evaluate_search(model, processor, rows: list[dict], root: Path, max_turns: int = 6) -> dict:
+    """Probe questions rolled out greedily with the search protocol: accuracy per difficulty, mean turns."""
+    samples = [Sample(image=load_image(r, root), question=r["problem"]) for r in rows]
+    results = Engine(model, processor).run(samples, max_turns=max_turns, greedy=True, progress=False)
+    per: dict[str, list[float]] = {}
+    for r, res in zip(rows, results):
+        per.setdefault(r.get("difficulty", "all"), []).append(grade(res.answer, r))
+    acc = {d: float(np.mean(v)) for d, v in sorted(per.items())}
+    acc["all"] = float(np.mean([v for vs in per.values() for v in vs]))
+    acc["turns"] = float(np.mean([res.turns for res in results]))
+    return acc
+
+
 def plot_curves(log: Path, out: Path):
     """Held-out accuracy per task against the training step, from the run's log."""
     from eval import line_plot
@@ -279,7 +293,8 @@ def main(argv: list[str] | None = None):
     if not args.base:
         rows, root = read_jsonl(args.data), Path(args.data).parent
         print(f"{len(rows)} trajectories from {args.data}")
-    eval_rows = read_jsonl(args.eval_data)[: args.eval_n] if args.eval_data else []
+    eval_rows = read_jsonl(args.eval_data) if args.eval_data else []
+    eval_rows = eval_rows[:: max(1, len(eval_rows) // args.eval_n)][: args.eval_n]   # spread over the file's splits
     weights = {k: float(v) for k, v in (p.split(":") for p in args.tasks.split(","))} if args.tasks else None
     if weights:
         eval_rows = [r for r in eval_rows if r.get("task") in weights]
@@ -337,7 +352,8 @@ def main(argv: list[str] | None = None):
                   "tokens_per_s": rate, "time": time.time()}
         if eval_rows and (step % args.eval_every == 0 or step == args.steps):
             model.eval()
-            acc = evaluate_base(model, processor, eval_rows, Path(args.eval_data).parent)
+            evaluate = evaluate_base if args.base else evaluate_search
+            acc = evaluate(model, processor, eval_rows, Path(args.eval_data).parent)
             model.train()
             record["eval"] = acc
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
