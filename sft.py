@@ -165,6 +165,41 @@ def file_batch(rows: list[dict], root: Path, step: int, size: int, seed: int, pr
     return out
 
 
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+_JOB: dict = {}   # what the data workers need; set before the pool forks, so nothing is pickled
+
+
+def _make_micro(k: int) -> tuple[str | None, dict]:
+    """Micro-batch number k, collated on the CPU. A pure function of k: workers can build any of them."""
+    a, processor = _JOB["args"], _JOB["processor"]
+    if a.base:
+        task, samples = base_batch(k, a.batch, a.seed, processor, _JOB["weights"])
+    else:
+        task, samples = None, file_batch(_JOB["rows"], _JOB["root"], k, a.batch, a.seed, processor)
+    return task, collate(samples, processor, "cpu")
+
+
+def micro_batches(start: int, stop: int, workers: int):
+    """Micro-batches start..stop-1 in order; with workers > 0 they are built ahead in other processes
+    (a bounded window, so a fast producer cannot fill the memory). Drawing the synthetic pictures is
+    what limits a GPU run; on 2 CPU cores the default (0) builds them in the training process."""
+    if workers <= 0:
+        yield from (_make_micro(k) for k in range(start, stop))
+        return
+    import collections
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) as pool:
+        pending, k = collections.deque(), start
+        while k < stop or pending:
+            while k < stop and len(pending) < 3 * workers:
+                pending.append(pool.apply_async(_make_micro, (k,)))
+                k += 1
+            yield pending.popleft().get()
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation of base records: greedy decode, then per-task accuracy.
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +287,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="processes that build batches ahead (GPU runs)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,19 +343,17 @@ def main(argv: list[str] | None = None):
             "torch_rng": torch.get_rng_state(), "args": vars(args),
             **({"aux_head": head.state_dict()} if head is not None else {})}})
 
+    _JOB.update(args=args, processor=processor, weights=weights, rows=rows, root=root)
+    data = micro_batches(step * args.accum, args.steps * args.accum, args.workers)
     bar = tqdm(total=args.steps, initial=step, desc="sft", dynamic_ncols=True)
     t0, tokens = time.time(), 0
     while step < args.steps:
         opt.zero_grad(set_to_none=True)
         total_loss, total_tokens = 0.0, 0
         micro, task = [], None
-        for a in range(args.accum):
-            k = step * args.accum + a
-            if args.base:
-                task, samples = base_batch(k, args.batch, args.seed, processor, weights)
-            else:
-                samples = file_batch(rows, root, k, args.batch, args.seed, processor)
-            micro.append(collate(samples, processor, device))
+        for _ in range(args.accum):
+            task, batch = next(data)
+            micro.append(_to(batch, device))
         n_tok = max(1, sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b))
         for batch in micro:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):

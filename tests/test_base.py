@@ -26,9 +26,9 @@ def test_base_checkpoint_is_committed_and_small():
 
 
 def test_base_reads_the_character_on_a_crop():
-    assert np.mean(_run("read", 30, 11)) >= 0.85
+    assert np.mean(_run("read", 30, 11)) >= 0.9
 
 
 def test_base_gives_the_box_of_the_asked_for_object():
-    assert np.mean(_run("find", 24, 12)) >= 0.7
-    assert np.mean(_run("locate", 12, 13)) >= 0.8
+    assert np.mean(_run("find", 24, 12)) >= 0.85
+    assert np.mean(_run("locate", 12, 13)) >= 0.9
