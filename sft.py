@@ -152,10 +152,24 @@ def trajectory_turns(row: dict) -> list[str]:
     return [t["text"] if isinstance(t, dict) else t for t in row["turns"]]
 
 
+def epoch_order(rows: list[dict], size: int, rng: np.random.Generator) -> np.ndarray:
+    """A shuffled epoch in which each batch holds trajectories of similar length (less padding):
+    shuffle, sort within windows of 8 batches by length, then shuffle the batches."""
+    length = np.array([sum(len(t) for t in trajectory_turns(r)) / 3 + 70 * len(r.get("turns", [])) if "turns" in r
+                       else len(r["solution"]) for r in rows])
+    order = rng.permutation(len(rows))
+    windows = [order[i:i + 8 * size] for i in range(0, len(order), 8 * size)]
+    order = np.concatenate([w[np.argsort(length[w], kind="stable")] for w in windows])
+    batches = [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+    if len(batches) < 2:
+        return order
+    return np.concatenate([batches[j] for j in rng.permutation(len(batches))])
+
+
 def file_batch(rows: list[dict], root: Path, step: int, size: int, seed: int, processor) -> list[dict]:
     per_epoch = max(1, len(rows) // size)
     epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+    order = epoch_order(rows, size, np.random.default_rng([seed, epoch]))
     out = []
     for i in order[k * size:(k + 1) * size]:
         row = rows[int(i)]
