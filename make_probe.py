@@ -342,7 +342,7 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")
             rows.append({"images": [name], "problem": ask(question), "solution": answer,
-                         "data_source": "synthetic_base", "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
+                         "data_source": "synthetic_base", "system": "plain", "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
         write_jsonl(out / f"{split}.jsonl", rows)
         print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
 

@@ -175,7 +175,7 @@ def file_batch(rows: list[dict], root: Path, step: int, size: int, seed: int, pr
         row = rows[int(i)]
         system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else SYSTEM_PROMPT
         turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
-        out.append(render(load_image(row, root), row["problem"], turns, processor, system=system))
+        out.append(render(load_image(row, row.get("_root", root)), row["problem"], turns, processor, system=system))
     return out
 
 
@@ -280,7 +280,8 @@ def plot_curves(log: Path, out: Path):
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="runs/tiny/coldstart.jsonl", help="trajectories (JSONL) to train on")
+    ap.add_argument("--data", nargs="+", default=["runs/tiny/coldstart.jsonl"],
+                    help="trajectories (JSONL) to train on; base records (make_probe --base) may be mixed in")
     ap.add_argument("--base", action="store_true", help="train on the base perception curriculum, drawn on the fly")
     ap.add_argument("--init", default="tiny-base", help="'tiny' (random), 'tiny-base', or a checkpoint folder")
     ap.add_argument("--out", default="runs/tiny/sft")
@@ -341,8 +342,9 @@ def main(argv: list[str] | None = None):
         print(f"resumed from {out} at step {step}")
     rows, root = [], None
     if not args.base:
-        rows, root = read_jsonl(args.data), Path(args.data).parent
-        print(f"{len(rows)} trajectories from {args.data}")
+        for f in args.data:     # several files mix; each row's images are relative to its own file
+            rows += [{**r, "_root": str(Path(f).parent)} for r in read_jsonl(f)]
+            print(f"{len(rows)} records after {f}")
     eval_rows = read_jsonl(args.eval_data) if args.eval_data else []
     eval_rows = eval_rows[:: max(1, len(eval_rows) // args.eval_n)][: args.eval_n]   # spread over the file's splits
     weights = {k: float(v) for k, v in (p.split(":") for p in args.tasks.split(","))} if args.tasks else None

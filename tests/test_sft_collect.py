@@ -114,3 +114,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(small_run, monkeypatch):
     with pytest.raises(SystemExit, match=r"step 3: the loss is nan.*\(step 2\)"):
         _sft(small_run, small_run / "nan")
     assert torch.load(small_run / "nan" / "trainer_state.pt", weights_only=False)["step"] == 2
+
+
+def test_worker_processes_give_the_same_batches(small_run):
+    """--workers builds micro-batches in other processes: same data, same order, same losses."""
+    here = _sft(small_run, small_run / "w0")
+    there = _sft(small_run, small_run / "w1", "--workers", "1")
+    assert [there[k] for k in sorted(there)] == pytest.approx([here[k] for k in sorted(here)], rel=1e-6)
+
+
+def test_epoch_order_is_a_permutation_grouped_by_length():
+    rows = [{"turns": ["x" * n]} for n in np.random.default_rng(0).integers(10, 3000, 64)]
+    order = sft.epoch_order(rows, 8, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(64))
+    length = np.array([len(r["turns"][0]) for r in rows])
+    spread = lambda o: np.mean([np.ptp(length[o[i:i + 8]]) for i in range(0, 64, 8)])
+    assert spread(order) < 0.5 * spread(np.random.default_rng(1).permutation(64))
+
+
+def test_base_records_mix_into_trajectory_training(small_run, tmp_path):
+    base = tmp_path / "base"
+    make_probe.write_base(base, 4, 0, seed=5)
+    sft.main(["--data", str(small_run / "cs.jsonl"), str(base / "base_train.jsonl"), "--init", str(small_run / "init"),
+              "--out", str(tmp_path / "mix"), "--steps", "2", "--batch", "4", "--save-every", "2"])
+    assert (tmp_path / "mix" / "model.safetensors").exists()
