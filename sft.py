@@ -115,6 +115,7 @@ BASE_CURRICULUM = [  # (first step, task weights). "sheet" and "scene" train the
     (5400, {"describe": 0.1, "read": 0.1, "locate": 0.05, "list": 0.4, "find": 0.2, "sheet": 0.15}),
 ]
 VISION_TASKS = ("sheet", "scene")
+SEARCH_PROMPT_SHARE = 0.5
 
 
 def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None) -> tuple[str, list[dict]]:
@@ -124,6 +125,9 @@ def base_batch(step: int, size: int, seed: int, processor, weights: dict | None 
     rng = np.random.default_rng([seed, step])
     task = str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
     level = str(rng.choice(list(make_probe.LEVELS)))
+    # half the language records carry the search protocol's long system prompt instead of the plain
+    # one, so that grounding and reading survive that context (the SFT stage starts from it)
+    system = SYSTEM_PROMPT if rng.random() < SEARCH_PROMPT_SHARE else PLAIN_SYSTEM_PROMPT
     out = []
     if task == "sheet":      # dense sheets of labelled objects: 4 x 4 a picture, so fewer pictures
         return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
@@ -133,7 +137,7 @@ def base_batch(step: int, size: int, seed: int, processor, weights: dict | None 
                       (make_probe.labelled_overview(rng, level, processor.budget) for _ in range(size))]
     for _ in range(size):
         img, question, answer, meta = make_probe.base_sample(rng, task, processor.budget, level)
-        out.append({**render(img, make_probe.ask(question), [answer], processor, system=PLAIN_SYSTEM_PROMPT),
+        out.append({**render(img, make_probe.ask(question), [answer], processor, system=system),
                     "aux": meta["tokens"]})
     return task, out
 
