@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None):
     for k, (t, r, c) in enumerate(zip(results, flat_rows, correct)):
         trajs.append({"doc_id": r["doc_id"], "difficulty": r.get("difficulty", "all"), "sample": k % args.samples,
                       "solution": r["solution"], "answer": t.answer, "correct": bool(c), "answered": t.answered,
-                      "turns": t.turns, "zooms": len(t.crops), "exceeded": t.exceeded, "tool_errors": t.tool_errors,
+                      "turns": t.turns, "zooms": len(t.crops), "exceeded": t.exceeded, "truncated": t.truncated, "tool_errors": t.tool_errors,
                       "crops": t.crops, "turn_texts": t.turn_texts})
     res = summarise(trajs, caps)
     res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,

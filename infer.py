@@ -53,7 +53,8 @@ class Trajectory:
     answer: str | None = None
     answered: bool = False
     exceeded_turns: bool = False         # called the tool on its last allowed turn (or out of images)
-    over_length: bool = False            # ran out of context or of tokens in a turn
+    over_length: bool = False            # ran out of context (max_total_tokens): masked like exceeded
+    truncated: bool = False              # a turn ran out of its own token limit: ends unanswered, reward 0
     tool_errors: int = 0
     turns: int = 0
 
@@ -365,7 +366,10 @@ class Engine:
                 if not stopped:
                     if len(r.turn_ids) >= max_turn_tokens or len(r.ids) >= max_total:
                         text = self.tok.decode(r.turn_ids)
-                        r.traj.over_length = True     # ran out of tokens mid-turn
+                        if len(r.ids) >= max_total:
+                            r.traj.over_length = True     # out of context: over-turn masking masks it
+                        else:
+                            r.traj.truncated = True       # a rambling turn: no action, no answer
                         r.traj.turns += 1
                         r.traj.turn_texts.append(text)
                         if on_text:

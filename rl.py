@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None):
                   "accuracy": float(np.mean([s[2] for s in stats])),
                   "mean_turns": float(np.mean([t.turns for t in all_t])),
                   "share_exceeded": float(np.mean([t.exceeded for t in all_t])),
+                  "share_truncated": float(np.mean([t.truncated for t in all_t])),
                   "share_groups_dropped": dropped / max(tried, 1),
                   "loss": float(np.mean(losses)) if losses else 0.0, "clip_fraction": float(np.mean(clips)) if clips else 0.0,
                   "tokens_per_s": (sum(len(t.token_ids) for t in all_t) + n_tok) / (time.time() - t0)}

@@ -11,9 +11,9 @@ python make_probe.py --out runs/tiny/probe --n-train 600 --n-test 90 --seed 1
 stage "1. cold-start trajectories (explorer teacher)"
 python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl
 stage "2. supervised fine-tuning from the tiny base"
-python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft
+python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 240 --batch 8 --lr 1e-3
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
-python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --prompts 4 --group 8 --lr 2e-4
 stage "4. evaluation: turn caps 1-16 on the test split"
 python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy

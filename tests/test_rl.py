@@ -94,7 +94,8 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
     assert [r["step"] for r in log] == [1, 2]
     assert {"reward_mean", "accuracy", "mean_turns", "share_exceeded", "share_groups_dropped", "loss",
             "clip_fraction", "tokens_per_s"} <= set(log[0])
-    assert log[0]["share_exceeded"] == 1.0   # 12 tokens a turn: every rollout runs out of tokens
+    # 12 tokens a turn: every rollout's first turn is cut, which ends it unanswered (not masked)
+    assert log[0]["share_truncated"] == 1.0 and log[0]["share_exceeded"] == 0.0
     trained, _ = load(str(tmp_path / "rl"))
     before = model.state_dict()
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
