@@ -106,6 +106,10 @@ class Engine:
         self.inv_freq = self.lm.rotary_emb.inv_freq.float().to(self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.im_end = self.tok.convert_tokens_to_ids(IM_END)
+        # tokens only the processor may write: a sampled <|image_pad|> would claim an image that
+        # does not exist. Never chosen; log-probabilities stay those of the full distribution.
+        vocab = self.tok.get_vocab()
+        self.banned = [vocab[t] for t in BANNED_TOKENS if t in vocab]
         self.use_flash = flash_attn_with_kvcache is not None and self.device.type == "cuda"
         # the cache: flash-attn wants [batch, length, kv_heads, head_dim]; SDPA reads
         # [batch, kv_heads, length, head_dim] without a copy, so each backend gets its own layout
@@ -344,7 +348,8 @@ class Engine:
             if order:
                 stacked = torch.stack([logits[i] for i in order])
                 logp = F.log_softmax(stacked, -1)
-                chosen = stacked.argmax(-1) if greedy else _sample(stacked, temperature, top_p, gen)
+                allowed = stacked.index_fill(1, torch.tensor(self.banned, device=stacked.device), float("-inf"))
+                chosen = allowed.argmax(-1) if greedy else _sample(allowed, temperature, top_p, gen)
                 for j, i in enumerate(order):   # scripted turns (tests, benchmarks) override the choice
                     r = rows[i]
                     forced = r.sample.forced[r.traj.turns] if r.sample.forced and r.traj.turns < len(r.sample.forced) else None
@@ -419,6 +424,9 @@ def judge(engine: "Engine", rows: list[dict], answers: list[str | None]) -> list
     for i, t in zip(ask, engine.run(samples, max_turns=1, greedy=True, max_turn_tokens=32, progress=False)):
         scores[i] = 1.0 if re.search(r"Score:\s*1", t.turn_texts[-1] if t.turn_texts else "") else 0.0
     return scores
+
+
+BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 
 import make_probe
 from common import IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, tool_turn_text
-from infer import Engine, Sample
+from infer import BANNED_TOKENS, Engine, Sample
 from sft import collate, render
 
 ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
@@ -61,6 +61,8 @@ def naive_episode(model, proc, sample, max_turns, max_turn_tokens):
             with torch.no_grad():
                 logits = model(input_ids=x, pixel_values=pv, image_grid_thw=grid,
                                mm_token_type_ids=(x == proc.image_token_id).int()).logits[0, -1]
+            vocab = tok.get_vocab()
+            logits[[vocab[t] for t in BANNED_TOKENS if t in vocab]] = float("-inf")   # processor-only tokens
             token = int(logits.argmax())
         ids.append(token)
         turn.append(token)
@@ -152,3 +154,22 @@ def test_sampling_is_seeded(tiny):
     g = eng.run([Sample(img, q)], max_turns=1, greedy=True, max_turn_tokens=15, progress=False)[0]
     p = eng.run([Sample(img, q)], max_turns=1, top_p=1e-6, seed=9, max_turn_tokens=15, progress=False)[0]
     assert g.token_ids == p.token_ids   # top-p that keeps one token is greedy
+
+
+def test_processor_only_tokens_are_never_sampled(tiny):
+    """A model that puts nearly all its mass on <|image_pad|> still never emits it (it would claim an
+    image that does not exist), and the log-probability reported is that of the full distribution."""
+    model, proc = tiny
+    pad = proc.image_token_id
+    bias = torch.zeros(model.lm_head.weight.shape[0])
+    bias[pad] = 30.0
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        for greedy in (True, False):
+            out = Engine(model, proc).run([Sample(*_scene(7))], max_turns=1, greedy=greedy, max_turn_tokens=8,
+                                          progress=False)[0]
+            sampled = [t for t, m in zip(out.token_ids, out.sampled_mask) if m]
+            assert sampled and pad not in sampled
+            assert max(lp for lp, m in zip(out.logprobs, out.sampled_mask) if m) < -20   # the pad held the mass
+    finally:
+        handle.remove()
