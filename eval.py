@@ -68,7 +68,8 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabe
         d.text((x(c) - 6, H - B + 8), str(c), fill="black")
     d.text(((W - R + L) // 2 - 30, H - 22), xlabel, fill="black")
     d.line([L, T, L, H - B, W - R, H - B], fill="black")
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (90, 90, 90)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (90, 90, 90),
+               (23, 190, 207), (188, 189, 34), (227, 119, 194), (140, 86, 75), (0, 0, 0), (120, 160, 255)]
     for i, (name, s) in enumerate(series.items()):
         pts = [(x(int(c)), y(v)) for c, v in sorted(s.items(), key=lambda kv: int(kv[0]))]
         col = colours[i % len(colours)]
