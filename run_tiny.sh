@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
-# Starts from the committed tiny base (checkpoints/tiny-base). About 30 minutes on 2 CPU cores.
+# Starts from the committed tiny base (checkpoints/tiny-base). About 15 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")"
 T0=$(date +%s)
