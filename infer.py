@@ -109,7 +109,7 @@ class Engine:
         # tokens only the processor may write: a sampled <|image_pad|> would claim an image that
         # does not exist. Never chosen; log-probabilities stay those of the full distribution.
         vocab = self.tok.get_vocab()
-        self.banned = [vocab[t] for t in BANNED_TOKENS if t in vocab]
+        self.banned = torch.tensor([vocab[t] for t in BANNED_TOKENS if t in vocab], dtype=torch.long)
         self.use_flash = flash_attn_with_kvcache is not None and self.device.type == "cuda"
         # the cache: flash-attn wants [batch, length, kv_heads, head_dim]; SDPA reads
         # [batch, kv_heads, length, head_dim] without a copy, so each backend gets its own layout
@@ -348,7 +348,7 @@ class Engine:
             if order:
                 stacked = torch.stack([logits[i] for i in order])
                 logp = F.log_softmax(stacked, -1)
-                allowed = stacked.index_fill(1, torch.tensor(self.banned, device=stacked.device), float("-inf"))
+                allowed = stacked.index_fill(1, self.banned.to(stacked.device), float("-inf"))
                 chosen = allowed.argmax(-1) if greedy else _sample(allowed, temperature, top_p, gen)
                 for j, i in enumerate(order):   # scripted turns (tests, benchmarks) override the choice
                     r = rows[i]

@@ -59,6 +59,8 @@ def ask(question: str) -> str:
     protocol places it wherever "<image>" is.) With the question first, causal attention lets the
     image tokens see what is asked, which a model this small needs to pick out one colour."""
     return question + "\n<image>"
+
+
 BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)   # the tiny default; used for the stats table
 _GRADIENTS: dict[int, np.ndarray] = {}
 

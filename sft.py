@@ -10,7 +10,9 @@ a loss: the prompt, the observation turns and the image tokens are masked out, b
 from __future__ import annotations
 
 import argparse
+import collections
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -207,8 +209,6 @@ def micro_batches(start: int, stop: int, workers: int):
     if workers <= 0:
         yield from (_make_micro(k) for k in range(start, stop))
         return
-    import collections
-    import multiprocessing
     with multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) as pool:
         pending, k = collections.deque(), start
         while k < stop or pending:

@@ -48,6 +48,7 @@ def naive_episode(model, proc, sample, max_turns, max_turn_tokens):
     """The reference: the whole conversation re-run through the transformers forward, no cache,
     at every step (positions from transformers' own get_rope_index)."""
     tok = proc.tokenizer
+    banned = [tok.get_vocab()[t] for t in BANNED_TOKENS if t in tok.get_vocab()]
     ep = Episode(sample.image, proc.budget)
     ids = encode_chunk(tok, prompt_text(sample.question, sample.system), [image_token_count(ep.shown[0])])
     turns, turn = [], []
@@ -61,8 +62,7 @@ def naive_episode(model, proc, sample, max_turns, max_turn_tokens):
             with torch.no_grad():
                 logits = model(input_ids=x, pixel_values=pv, image_grid_thw=grid,
                                mm_token_type_ids=(x == proc.image_token_id).int()).logits[0, -1]
-            vocab = tok.get_vocab()
-            logits[[vocab[t] for t in BANNED_TOKENS if t in vocab]] = float("-inf")   # processor-only tokens
+            logits[banned] = float("-inf")   # processor-only tokens
             token = int(logits.argmax())
         ids.append(token)
         turn.append(token)
