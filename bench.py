@@ -1,4 +1,4 @@
-"""The engine's benchmark (run as `python infer.py --bench`): prints one JSON object last.
+"""The engine's benchmark: `python bench.py` prints one JSON object last.
 
 1. Decode throughput, engine vs transformers' `model.generate`, same model, same prompts, greedy,
    the same number of new tokens, at batch 1 and 16 (prefill included in both).
@@ -18,6 +18,7 @@ import torch
 import make_probe
 from common import IM_END, encode_chunk, image_token_count, prompt_text
 from infer import Engine, Sample
+from model import build_tiny
 
 QUESTION = "<image>\nWhat is the character printed on the red triangle?"
 
@@ -136,7 +137,6 @@ def bandwidth_fraction(model, processor, batch=64, new_tokens=64):
 
 def bench(new_tokens: int = 64, tiny: bool = True):
     """tiny=False skips the CPU part (for a short GPU lease: only the 7B-shaped bf16 run)."""
-    from common import build_tiny
     torch.manual_seed(0)
     model, processor = build_tiny()
     model.eval()

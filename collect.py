@@ -25,8 +25,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import Episode, grade, load_image, read_jsonl, write_jsonl, ROOT
-from make_probe import COLOURS, FONT, GRID, SHAPES, fmt_box
+from common import IM_END, IM_START, IMAGE, ROOT, TINY_BUDGET, Episode, grade, load_image, read_jsonl, write_jsonl
+from infer import Engine, Sample, Settings
+from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
+from model import load, pick_device
 
 # ----------------------------------------------------------------------------------------------
 # The explorer's eyes: plain pixel rules on the images it is shown.
@@ -112,11 +114,6 @@ def biggest_object(arr: np.ndarray, colour: str) -> np.ndarray | None:
 # ----------------------------------------------------------------------------------------------
 def zoom_text(box: list[float]) -> str:
     return '<grounding>{"bbox_2d": ' + fmt_box(box) + ', "source": "original_image"}</grounding>'
-
-
-def cell_box(cell: int) -> list[float]:
-    r, c = divmod(cell, GRID)
-    return [c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID]
 
 
 def parse_question(problem: str) -> tuple[str, str] | None:
@@ -232,7 +229,7 @@ def _depth_first(ep, cells, colour, shape, intro, max_turns, check, look) -> dic
 # ----------------------------------------------------------------------------------------------
 # Self rollouts and the few-shot VLM teacher: both through the engine.
 # ----------------------------------------------------------------------------------------------
-def pattern_of(crops: list[dict], image_size: tuple[int, int]) -> str:
+def pattern_of(crops: list[dict]) -> str:
     """Label a model's trajectory by its zooms: none, one (direct), into a large region first
     (depth_first), or several small ones (trial_and_error)."""
     if not crops:
@@ -250,13 +247,11 @@ EXEMPLARS = ROOT / "exemplars" / "exemplars.json"
 
 def few_shot_prefix(path: Path = EXEMPLARS) -> tuple[str, list[Image.Image]]:
     """The exemplar conversations as earlier turns of the chat: their images and texts."""
-    from common import IMAGE, IM_END, IM_START, Budget
-    import make_probe
     data = json.loads(path.read_text(encoding="utf-8"))
     text, images = "", []
     for ex in data:
-        image, _, _ = make_probe.probe_sample(np.random.default_rng(ex["seed"]), ex["level"])
-        ep = Episode(image, Budget(112 * 112, 230 * 230))   # only to cut the crops; the engine resizes
+        image, _, _ = probe_sample(np.random.default_rng(ex["seed"]), ex["level"])
+        ep = Episode(image, TINY_BUDGET)   # only to cut the crops; the engine resizes
         text += f"{IM_START}user\n{IMAGE}\n{ex['question']}{IM_END}\n"
         images.append(image)
         for i, turn in enumerate(ex["turns"]):
@@ -269,34 +264,48 @@ def few_shot_prefix(path: Path = EXEMPLARS) -> tuple[str, list[Image.Image]]:
     return text, images
 
 
-def rollouts(rows: list[dict], root: Path, model_path: str, samples: int, max_turns: int, seed: int,
-             temperature: float, few_shot: bool) -> list[dict]:
-    import torch
-    from infer import Engine, Sample
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_model(model_path, device)
+def model_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
+    """--samples attempts per question by a checkpoint (--model) or the few-shot teacher (--teacher,
+    with the six exemplars in context), through the engine."""
+    few_shot = bool(args.teacher)
+    model, processor = load(args.teacher or args.model, device=pick_device())
     prefix = few_shot_prefix() if few_shot else None
-    engine = Engine(model, processor, max_batch=16)
-    batch = [Sample(load_image(r, root), r["problem"], context=prefix) for r in rows for _ in range(samples)]
-    trajs = engine.run(batch, max_turns=max_turns, temperature=temperature, seed=seed, max_turn_tokens=256)
-    out = []
-    for k, t in enumerate(trajs):
-        row = rows[k // samples]
-        out.append({"turns": [x.replace("<|im_end|>", "") for x in t.turn_texts], "answer": t.answer,
-                    "pattern": pattern_of(t.crops, (0, 0)), "exceeded": t.exceeded, "source": "teacher" if few_shot else "self",
-                    "_row": row})
-    return out
+    batch = [Sample(load_image(r, root), r["problem"], context=prefix) for r in rows for _ in range(args.samples)]
+    settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=args.seed, max_turn_tokens=256)
+    trajs = Engine(model, processor, max_batch=16).run(batch, settings)
+    return [{"turns": [x.replace(IM_END, "") for x in t.turn_texts], "answer": t.answer, "pattern": pattern_of(t.crops),
+             "exceeded": t.exceeded, "source": "teacher" if few_shot else "self", "_row": rows[k // args.samples]}
+            for k, t in enumerate(trajs)]
 
 
-def load_model(path, device):
-    from common import load
-    return load(path, device=device)
+def explorer_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
+    """One search per question by the explorer, shown only the image and the question."""
+    rng = random.Random(args.seed)
+    found = []
+    for row in tqdm(rows, desc="explore", dynamic_ncols=True):
+        public = {k: row[k] for k in ("images", "problem")}   # what a model would see
+        res = explore(load_image(public, root), public["problem"], TINY_BUDGET, rng, args.max_turns, args.depth_first)
+        if res is not None:
+            found.append({**res, "source": "explorer", "_row": row})
+    return found
+
+
+def label(found: list[dict], root: Path) -> list[dict]:
+    """Give each trajectory its question's fields (images as absolute paths) and its grade."""
+    for f in found:
+        row = f.pop("_row")
+        f.update({k: row[k] for k in row if k in ("images", "problem", "solution", "difficulty", "doc_id",
+                                                  "data_source", "options")})
+        f["images"] = [str((root / p).resolve()) if not Path(p).is_absolute() else p for p in row["images"]]
+        f["correct"] = bool(grade(f["answer"], row))
+        f["n_turns"] = len(f["turns"])
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
 # Filter and report
 # ----------------------------------------------------------------------------------------------
-def keep(found: list[dict], max_share: float, seed: int) -> list[dict]:
+def filter_trajectories(found: list[dict], max_share: float, seed: int) -> list[dict]:
     """Correct, non-exceeded, unique; then no pattern above max_share of the kept set."""
     seen, good = set(), []
     for f in found:
@@ -333,43 +342,28 @@ def table(found: list[dict], kept: list[dict]):
 
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
-    ap.add_argument("--out", default="runs/tiny/coldstart.jsonl")
-    ap.add_argument("--model", help="self rollouts of this checkpoint instead of the explorer")
-    ap.add_argument("--teacher", help="a VLM shown the six exemplars in context (few-shot teacher)")
-    ap.add_argument("--samples", type=int, default=4, help="attempts per question (model sources)")
-    ap.add_argument("--max-turns", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--depth-first", type=float, default=0.3, help="explorer: share of searches that zoom into quarters first")
+    io = ap.add_argument_group("input and output")
+    io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
+    io.add_argument("--out", default="runs/tiny/coldstart.jsonl", help="the kept trajectories (JSONL)")
+    io.add_argument("--append", help="an earlier trajectory file whose rows are kept too (iterative rounds)")
+    io.add_argument("--limit", type=int, default=0, help="use only the first N questions")
+    src = ap.add_argument_group("source (default: the explorer)")
+    src.add_argument("--model", help="self rollouts of this checkpoint instead of the explorer")
+    src.add_argument("--teacher", help="a VLM shown the six exemplars in context (few-shot teacher)")
+    src.add_argument("--samples", type=int, default=4, help="attempts per question (model sources)")
+    src.add_argument("--max-turns", type=int, default=16)
+    src.add_argument("--temperature", type=float, default=1.0)
+    src.add_argument("--depth-first", type=float, default=0.3,
+                     help="explorer: share of searches that zoom into quarters first")
+    src.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-share", type=float, default=0.6, help="largest share any one pattern may take")
-    ap.add_argument("--append", help="an earlier trajectory file whose rows are kept too (iterative rounds)")
-    ap.add_argument("--limit", type=int, default=0, help="use only the first N questions")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rows = read_jsonl(args.data)[: args.limit or None]
     root = Path(args.data).parent
     t0 = time.time()
-    if args.model or args.teacher:
-        found = rollouts(rows, root, args.model or args.teacher, args.samples, args.max_turns, args.seed,
-                         args.temperature, few_shot=bool(args.teacher))
-    else:
-        from common import Budget, TINY_MIN_PIXELS, TINY_MAX_PIXELS
-        budget = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
-        rng = random.Random(args.seed)
-        found = []
-        for row in tqdm(rows, desc="explore", dynamic_ncols=True):
-            public = {k: row[k] for k in ("images", "problem")}   # what a model would see
-            res = explore(load_image(public, root), public["problem"], budget, rng, args.max_turns, args.depth_first)
-            if res is not None:
-                found.append({**res, "source": "explorer", "_row": row})
-    for f in found:
-        row = f.pop("_row")
-        f.update({k: row[k] for k in row if k in ("images", "problem", "solution", "difficulty", "doc_id",
-                                                  "data_source", "options")})
-        f["images"] = [str((root / p).resolve()) if not Path(p).is_absolute() else p for p in row["images"]]
-        f["correct"] = bool(grade(f["answer"], row))
-        f["n_turns"] = len(f["turns"])
-    kept = keep(found, args.max_share, args.seed)
+    found = model_rollouts(rows, root, args) if args.model or args.teacher else explorer_rollouts(rows, root, args)
+    found = label(found, root)
+    kept = filter_trajectories(found, args.max_share, args.seed)
     if args.append:
         kept = read_jsonl(args.append) + kept
     write_jsonl(args.out, kept)

@@ -1,11 +1,12 @@
-"""The one shared module: Mini-o3's protocol, the crop tool, model loading, JSONL files.
+"""What every stage must agree on: Mini-o3's protocol, the crop tool, tokens and positions, grading, files.
 
-Everything the stage scripts (make_probe, collect, sft, rl, infer, eval) agree on lives here:
   * the conversation format (system prompt, first user turn, observation and error turns),
   * `parse_action`, the strict parser of what the model wrote in one assistant turn,
   * `Episode`, the state of one search: the images seen so far and the crop tool that adds one,
-  * `load`, which gives (model, processor) for a local folder, a hub name or the tiny default,
-  * JSONL reading/writing and atomic checkpoint saving.
+  * chunks and M-RoPE positions (`encode_chunk`, `rope_positions`) and `render`, which replays a
+    trajectory into exactly the tokens the engine would have produced,
+  * `grade`, the verifiable reward, and JSONL reading/writing with atomic saving.
+The model itself (loading, the tiny model, checkpoints) is in model.py.
 """
 from __future__ import annotations
 
@@ -13,18 +14,15 @@ import contextlib
 import json
 import math
 import os
-import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
-TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
 
 # ----------------------------------------------------------------------------------------------
 # The protocol. Texts are our own words; tags, JSON keys, coordinates and turn structure are
@@ -44,6 +42,10 @@ PLAIN_SYSTEM_PROMPT = "You are a helpful assistant."   # the base model's (Qwen'
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image; the pad is expanded per image
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 STOP_STRINGS = ("</grounding>", IM_END)              # a turn ends at either
+# The tiny world's vocabulary (synthetic probe questions; the tiny tokenizer is trained on it)
+WORDS = {"colours": ["red", "green", "blue", "yellow"],
+         "shapes": ["circle", "square", "triangle", "diamond"],
+         "glyphs": list("0123456789AEHKPX")}
 
 
 def observation_text(action_index: int, observation_index: int) -> str:
@@ -211,6 +213,11 @@ class Budget:
         return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
+# max 230² (not 224²): Qwen's rule floors side/beta, so exactly 224² can give 196 px for a large square
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 112 * 112, 230 * 230
+TINY_BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)   # the tiny world's pixel budget
+
+
 def pixel_box(bbox: list[float], width: int, height: int, min_side: int = 28) -> tuple[int, int, int, int]:
     """Relative box -> integer pixel box of a width x height image, grown to min_side if smaller."""
     x0, x1 = math.floor(bbox[0] * width), math.ceil(bbox[2] * width)
@@ -327,139 +334,35 @@ def rope_positions(ids: list[int], grids: list[tuple[int, int, int]], start: int
     return pos, p
 
 
-# ----------------------------------------------------------------------------------------------
-# Model and processor.
-# ----------------------------------------------------------------------------------------------
-class Processor:
-    """Tokenizer + image processor of a checkpoint (no video: this project needs none)."""
+def render(image: Image.Image, problem: str, turns: list[str], processor, system: str = SYSTEM_PROMPT) -> dict:
+    """Tokens of a whole conversation: `turns` are the assistant texts, in order.
 
-    def __init__(self, tokenizer, image_processor):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        size = image_processor.size
-        self.budget = Budget(min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]))
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.merge = int(image_processor.merge_size)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike):
-        from transformers import AutoImageProcessor, AutoTokenizer
-        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
-
-    def save_pretrained(self, path: str | os.PathLike):
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-
-    def pixels(self, shown: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values (patches, dim) and image_grid_thw (n, 3) of images already at budget size."""
-        out = self.image_processor(images=shown, do_resize=False, return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype=None, seed: int = 0):
-    """(model, processor) for "tiny" (random init), "tiny-base", a local folder or a hub name."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    if name_or_path == "tiny":
-        model, processor = build_tiny(seed)
-        return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
-    if name_or_path == "tiny-base":
-        name_or_path = str(TINY_BASE)
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    kwargs = {}
-    if torch.device(device).type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            kwargs["attn_implementation"] = "flash_attention_2"
-        except ImportError:
-            kwargs["attn_implementation"] = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-    return model.to(device).eval(), Processor.from_pretrained(name_or_path)
-
-
-# The tiny default: the real Qwen2.5-VL class from a small config, and a byte-level BPE tokenizer
-# trained here, offline, on the protocol's own text (so tags and coordinates are few tokens).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                  "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>"]
-TINY_VOCAB = 1024
-# max 230² (not 224²): Qwen's rule floors side/beta, so exactly 224² can give 196 px for a large square
-TINY_MIN_PIXELS, TINY_MAX_PIXELS = 112 * 112, 230 * 230
-# Pieces the BPE pre-tokenizer keeps whole: tags, decimals (" 0.375"), words, single digits.
-_PRETOKENIZE = (r"</?[a-z_]+>| ?\d+\.\d+|'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}<]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}<]+[\r\n]*|<|\s*[\r\n]+|\s+(?!\S)|\s+")
-WORDS = {"colours": ["red", "green", "blue", "yellow"],
-         "shapes": ["circle", "square", "triangle", "diamond"],
-         "glyphs": list("0123456789AEHKPX")}
-
-
-def _tokenizer_corpus() -> list[str]:
-    rnd = random.Random(0)
-    grid = [f"{i / 8:.3f}" for i in range(9)] + [f"{i / 100:.2f}" for i in range(101)]
-    texts = [SYSTEM_PROMPT, PLAIN_SYSTEM_PROMPT] + [observation_text(t, t + 1) for t in range(40)]
-    texts += [error_text(r) for r in ("the grounding call is not valid JSON", "bbox_2d needs x0 < x1 and y0 < y1",
-                                      "unknown source", "observation_3 does not exist yet")]
-    for _ in range(3000):
-        c, s, g = rnd.choice(WORDS["colours"]), rnd.choice(WORDS["shapes"]), rnd.choice(WORDS["glyphs"])
-        box = ", ".join(rnd.choice(grid) for _ in range(4))
-        texts += [f"What is the character printed on the {c} {s}?",
-                  f"<think>The {c} objects: [{box}]. I will check them one by one.</think>\n"
-                  f"<grounding>{{\"bbox_2d\": [{box}], \"source\": \"original_image\"}}</grounding>",
-                  f"<think>This is a {c} {s} with the character {g}. It is the {c} {s}.</think>\n"
-                  f"<answer>{g}</answer>",
-                  f"The {c} {s} is at [{box}]. Its colour is {c} and its shape is {s}."]
-    return texts
-
-
-def build_tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_tokenizer_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[3:])
-
-
-def tiny_config(tokenizer, **overrides):
-    from transformers import Qwen2_5_VLConfig
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-                tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END],
-                pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
-                  fullatt_block_indexes=[1, 3], window_size=112)
-    text.update(overrides.pop("text", {}))
-    vision.update(overrides.pop("vision", {}))
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, **overrides)
-
-
-def build_tiny(seed: int = 0, patch_init_std: float = 0.1, **overrides):
-    """A randomly initialised tiny Qwen2.5-VL and its processor (seeded, offline)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    tokenizer = build_tiny_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **overrides))
-    with torch.no_grad():   # a larger patch-embedding init lets colour reach the LM early (NOTES)
-        model.model.visual.patch_embed.proj.weight.normal_(0.0, patch_init_std)
-    return model, Processor(tokenizer, image_processor)
+    After every turn but the last, the turn's action is carried out exactly as the engine does it
+    (a zoom adds an observation turn with the crop, an invalid call an error turn). The last turn
+    ends with <|im_end|> (the model's own end of message).
+    Returns ids, a boolean mask of assistant tokens, and the images as shown to the model.
+    """
+    tok = processor.tokenizer
+    episode = Episode(image, processor.budget)
+    ids = encode_chunk(tok, prompt_text(problem, system), [image_token_count(episode.shown[0])])
+    mask = [False] * len(ids)
+    for i, text in enumerate(turns):
+        piece = encode_chunk(tok, text)
+        last = i == len(turns) - 1
+        if last:
+            piece += [tok.convert_tokens_to_ids(IM_END)]
+        ids += piece
+        mask += [True] * len(piece)
+        if last:
+            break
+        action = episode.parse(text)
+        if action.kind not in ("zoom", "invalid"):
+            raise ValueError(f"turn {i} of {len(turns)} has no tool call, so the episode would end there")
+        user, new = episode.apply(action)
+        piece = encode_chunk(tok, tool_turn_text(user), [image_token_count(new)] if new else [])
+        ids += piece
+        mask += [False] * len(piece)
+    return {"ids": ids, "mask": mask, "shown": episode.shown, "crops": episode.crops}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,16 +456,3 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def save_checkpoint(model, processor, path: str | os.PathLike, extra: dict[str, object] | None = None):
-    """save_pretrained into a temporary folder, then rename it into place; `extra` maps file
-    names to objects saved with torch.save (optimizer state, schedule, RNG) or text."""
-    with atomic_path(path) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        for name, obj in (extra or {}).items():
-            if isinstance(obj, str):
-                (tmp / name).write_text(obj)
-            else:
-                torch.save(obj, tmp / name)

@@ -1,7 +1,11 @@
 """Stage 4: accuracy per split and per turn cap, Avg@K, and pictures of the search.
 
     python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl
-    python eval.py --model Mini-o3/Mini-o3-7B-v1 --data data/vp_hard/test.jsonl --samples 32 --judge Qwen/Qwen2.5-72B-Instruct
+    python eval.py --model Mini-o3/Mini-o3-7B-v1 --data data/vp_hard/test.jsonl --samples 32 \
+                   --judge Qwen/Qwen2.5-72B-Instruct
+
+Reads: a checkpoint and probe records. Writes into --out: results.json (every figure),
+trajectories.jsonl (one record per rollout), turn_scaling.png, examples/*.png (zoom paths).
 
 Every question is rolled out once (or K times with --samples) at the largest turn cap; the accuracy
 at each smaller cap comes from the same trajectories: an answer given at turn t counts for every
@@ -12,15 +16,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from common import atomic_path, grade, load, load_image, read_jsonl, write_jsonl
-from infer import Engine, Sample, draw_search, judge
+from common import PLAIN_SYSTEM_PROMPT, atomic_path, grade, load_image, read_jsonl, write_jsonl
+from infer import Engine, Sample, Settings, draw_search
+from model import load, pick_device
+
+JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\nReference answer: {reference}\n"
+                "Candidate answer: {answer}\nDoes the candidate answer mean the same as the reference answer? "
+                "Reply with exactly \"Score: 1\" if it does and \"Score: 0\" if it does not.")
+
+
+def judge(engine: Engine, rows: list[dict], answers: list[str | None]) -> list[float]:
+    """Mini-o3's LLM-judge reward: exact/normalised match first; otherwise the judge model (run
+    through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1"."""
+    scores = [grade(a, r) for a, r in zip(answers, rows)]
+    ask = [i for i, (a, s) in enumerate(zip(answers, scores)) if a is not None and s == 0 and not rows[i].get("options")]
+    samples = [Sample(None, JUDGE_PROMPT.format(question=rows[i]["problem"].replace("<image>", "").strip(),
+                                                reference=rows[i]["solution"], answer=answers[i]),
+                      system=PLAIN_SYSTEM_PROMPT) for i in ask]
+    for i, t in zip(ask, engine.run(samples, Settings(max_turns=1, greedy=True, max_turn_tokens=32), progress=False)):
+        scores[i] = 1.0 if re.search(r"Score:\s*1", t.turn_texts[-1] if t.turn_texts else "") else 0.0
+    return scores
 
 
 def correct_at_cap(t: dict, cap: int) -> bool:
@@ -96,54 +118,74 @@ def compare(dirs: list[str], out: Path):
               " vs ".join(runs))
 
 
-def main(argv: list[str] | None = None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--compare", nargs="+", metavar="DIR", help="print one table for these eval folders "
+    io = ap.add_argument_group("input and output")
+    io.add_argument("--compare", nargs="+", metavar="DIR", help="print one table for these eval folders "
                     "and draw them in one plot (--out is then the PNG)")
-    ap.add_argument("--model", default="runs/tiny/rl")
-    ap.add_argument("--data", default="runs/tiny/probe/test.jsonl")
-    ap.add_argument("--out", default="runs/tiny/eval")
-    ap.add_argument("--turn-caps", default="1,2,4,6,8,12,16")
-    ap.add_argument("--samples", type=int, default=1, help="rollouts per question (Avg@K)")
-    ap.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 1.0)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
-    ap.add_argument("--max-turn-tokens", type=int, default=256)
-    ap.add_argument("--max-total-tokens", type=int, default=8192)
-    ap.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--examples", type=int, default=6, help="trajectory pictures to draw")
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    io.add_argument("--model", default="runs/tiny/rl", help="the checkpoint to evaluate")
+    io.add_argument("--data", default="runs/tiny/probe/test.jsonl", help="questions (probe records)")
+    io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories.jsonl, PNGs")
+    io.add_argument("--examples", type=int, default=6, help="trajectory pictures to draw")
+    io.add_argument("--limit", type=int, default=0, help="use only the first N questions")
+    gen = ap.add_argument_group("rollouts")
+    gen.add_argument("--turn-caps", default="1,2,4,6,8,12,16")
+    gen.add_argument("--samples", type=int, default=1, help="rollouts per question (Avg@K)")
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 1.0)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--max-turn-tokens", type=int, default=256)
+    gen.add_argument("--max-total-tokens", type=int, default=8192)
+    gen.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
+    gen.add_argument("--max-batch", type=int, default=32)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
+    return ap.parse_args(argv)
+
+
+def rollout(args, rows: list[dict], images: list[Image.Image], caps: list[int]) -> list[dict]:
+    """Roll every question out --samples times at the largest cap; one record per trajectory."""
+    model, processor = load(args.model, device=pick_device())
+    if args.max_pixels:
+        processor.budget.max_pixels = args.max_pixels
+    engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
+    settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
+                        max_turn_tokens=args.max_turn_tokens)
+    results = engine.run([Sample(im, r["problem"]) for im, r in zip(images, rows) for _ in range(args.samples)],
+                         settings)
+    flat_rows = [r for r in rows for _ in range(args.samples)]
+    if args.judge:
+        correct = judge(Engine(*load(args.judge, device=pick_device()), max_batch=args.max_batch), flat_rows,
+                        [t.answer for t in results])
+    else:
+        correct = [grade(t.answer, r) for t, r in zip(results, flat_rows)]
+    return [{"doc_id": r["doc_id"], "difficulty": r.get("difficulty", "all"), "sample": k % args.samples,
+             "solution": r["solution"], "answer": t.answer, "correct": bool(c), "answered": t.answered,
+             "turns": t.turns, "zooms": len(t.crops), "exceeded": t.exceeded, "truncated": t.truncated,
+             "tool_errors": t.tool_errors, "crops": t.crops, "turn_texts": t.turn_texts}
+            for k, (t, r, c) in enumerate(zip(results, flat_rows, correct))]
+
+
+def print_summary(res: dict, caps: list[int], out: Path):
+    series = {**res["by_turn_cap_difficulty"], "all": res["by_turn_cap"]}
+    print(f"\n{'':12}" + "".join(f"{'cap ' + str(c):>9}" for c in caps))
+    for d, s in series.items():
+        print(f"{d:12}" + "".join(f"{s[str(c)]:9.3f}" for c in caps))
+    print(f"overall {res['overall']:.3f}  Avg@{res['k']} {res['avg_at_k']:.3f}  mean turns {res['mean_turns']:.2f}  "
+          f"(correct: {res['mean_turns_correct']:.2f})  zoom rate {res['zoom_rate']:.2f}  exceeded "
+          f"{res['exceeded_rate']:.2f}  [{res['n_trajectories']} rollouts, {res['seconds']:.0f}s] -> {out}")
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     if args.compare:
         return compare(args.compare, Path(args.out if args.out.endswith(".png") else args.out + ".png"))
     caps = sorted(int(c) for c in args.turn_caps.split(","))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load(args.model, device=device)
-    if args.max_pixels:
-        processor.budget.max_pixels = args.max_pixels
     rows = read_jsonl(args.data)[: args.limit or None]
     root = Path(args.data).parent
     out = Path(args.out)
     t0 = time.time()
-    engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
     images = [load_image(r, root) for r in rows]
-    results = engine.run([Sample(images[i], r["problem"]) for i, r in enumerate(rows) for _ in range(args.samples)],
-                         max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
-                         max_turn_tokens=args.max_turn_tokens)
-    flat_rows = [r for r in rows for _ in range(args.samples)]
-    if args.judge:
-        correct = judge(Engine(*load(args.judge, device=device), max_batch=args.max_batch), flat_rows,
-                        [t.answer for t in results])
-    else:
-        correct = [grade(t.answer, r) for t, r in zip(results, flat_rows)]
-    trajs = []
-    for k, (t, r, c) in enumerate(zip(results, flat_rows, correct)):
-        trajs.append({"doc_id": r["doc_id"], "difficulty": r.get("difficulty", "all"), "sample": k % args.samples,
-                      "solution": r["solution"], "answer": t.answer, "correct": bool(c), "answered": t.answered,
-                      "turns": t.turns, "zooms": len(t.crops), "exceeded": t.exceeded, "truncated": t.truncated, "tool_errors": t.tool_errors,
-                      "crops": t.crops, "turn_texts": t.turn_texts})
+    trajs = rollout(args, rows, images, caps)
     res = summarise(trajs, caps)
     res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,
                 "turn_caps": caps, "seconds": round(time.time() - t0, 1)})
@@ -154,16 +196,11 @@ def main(argv: list[str] | None = None):
     series = {**res["by_turn_cap_difficulty"], "all": res["by_turn_cap"]}
     line_plot(series, out / "turn_scaling.png", f"{Path(args.model).name} on {Path(args.data).name}")
     (out / "examples").mkdir(exist_ok=True)
-    shown = [i for i, t in enumerate(trajs) if t["crops"]][: args.examples]
-    for i in shown:
-        draw_search(images[i // args.samples], trajs[i]["crops"],
-                    out / "examples" / f"{i:03d}_{trajs[i]['difficulty']}_{'right' if trajs[i]['correct'] else 'wrong'}.png")
-    print(f"\n{'':12}" + "".join(f"{'cap ' + str(c):>9}" for c in caps))
-    for d, s in series.items():
-        print(f"{d:12}" + "".join(f"{s[str(c)]:9.3f}" for c in caps))
-    print(f"overall {res['overall']:.3f}  Avg@{res['k']} {res['avg_at_k']:.3f}  mean turns {res['mean_turns']:.2f}  "
-          f"(correct: {res['mean_turns_correct']:.2f})  zoom rate {res['zoom_rate']:.2f}  exceeded "
-          f"{res['exceeded_rate']:.2f}  [{res['n_trajectories']} rollouts, {res['seconds']:.0f}s] -> {out}")
+    for i in [i for i, t in enumerate(trajs) if t["crops"]][: args.examples]:
+        t = trajs[i]
+        name = f"{i:03d}_{t['difficulty']}_{'right' if t['correct'] else 'wrong'}.png"
+        draw_search(images[i // args.samples], t["crops"], out / "examples" / name)
+    print_summary(res, caps, out)
     return res
 
 

@@ -2,36 +2,47 @@
 
     python infer.py --model tiny-base --image IMG --question "What is ...?" [--max-turns 12] [--greedy]
                     [--json] [--save-inputs inputs.safetensors] [--draw search.png]
-    python infer.py --bench
 
-Every row of the batch is one conversation. Its tokens go into a preallocated KV cache once and
-stay there: the prompt, each generated token, each observation turn with its crop. Nothing is
-prefilled twice. The decoder forward is written out here over the transformers model's weights
-(RMSNorm, grouped-query attention, SwiGLU, M-RoPE); the vision tower is the model's own.
-Rows that finish leave the batch and waiting samples take their place.
+Reads: a checkpoint and one image. Writes: the conversation to stdout; with --json the trajectory
+as JSON on the last line; --save-inputs / --draw the files named. (The benchmark: `python bench.py`.)
+
+Every row of the batch is one conversation (a `Slot`). Its tokens go into a preallocated
+`KVCache` once and stay there: the prompt, each generated token, each observation turn with its
+crop. Nothing is prefilled twice. `Engine.run` is the loop: admit samples into free slots, feed
+each slot what it has not fed yet, choose the next tokens, advance each conversation (stop strings,
+tool calls, limits), retire the finished ones. The decoder forward is written out over the
+transformers model's weights (RMSNorm, grouped-query attention, SwiGLU, M-RoPE); the vision tower
+is the model's own.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IM_END, STOP_STRINGS, SYSTEM_PROMPT, Episode, encode_chunk, image_token_count, load,
-                    prompt_text, rope_positions, tool_turn_text)
+from common import (IM_END, STOP_STRINGS, SYSTEM_PROMPT, Episode, encode_chunk, image_token_count, prompt_text,
+                    rope_positions, tool_turn_text)
+from model import load, pick_device
 
 try:  # flash-attn is optional and used on CUDA only
     from flash_attn import flash_attn_with_kvcache
 except ImportError:
     flash_attn_with_kvcache = None
 
+# tokens only the processor may write: a sampled <|image_pad|> would claim an image that does not exist
+BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
+
+# ----------------------------------------------------------------------------------------------
+# What goes in, what comes out, and how to generate
+# ----------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
     image: Image.Image | None           # None: a text-only conversation
@@ -39,7 +50,7 @@ class Sample:
     system: str = SYSTEM_PROMPT
     forced: list[list[int]] | None = None   # scripted token ids per turn (tests, teacher forcing)
     context: tuple[str, list[Image.Image]] | None = None   # earlier turns (few-shot) and their images
-    stop: tuple[str, ...] | None = None    # this row's stop strings (default: run()'s)
+    stop: tuple[str, ...] | None = None    # this row's stop strings (default: the settings')
 
 
 @dataclass
@@ -68,9 +79,105 @@ class Trajectory:
         return d
 
 
-class _Row:
-    """The state of one conversation in the batch: `ids` is the whole conversation so far, of
-    which the first `length` tokens are in the cache; the rest (and `images`) wait to be fed."""
+@dataclass
+class Settings:
+    """How to generate: decoding, limits, stop strings."""
+    max_turns: int = 6                   # assistant turns; a tool call on the last one is "exceeded"
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_turn_tokens: int = 256           # one turn longer than this is cut: the episode ends, unanswered
+    max_total_tokens: int | None = None  # the whole conversation (default: the cache length)
+    max_images: int = 32
+    stop: tuple[str, ...] = STOP_STRINGS
+    eos: bool = True                     # <|im_end|> ends a turn (off: the benchmark's fixed-length turns)
+
+
+# ----------------------------------------------------------------------------------------------
+# The KV cache: one preallocated tensor per layer for K and for V, a row per conversation
+# ----------------------------------------------------------------------------------------------
+class KVCache:
+    """K and V of `rows` conversations of up to `length` tokens, for every layer.
+
+    The layout is chosen once: "flash" is [rows, length, kv_heads, dim] (what
+    flash_attn_with_kvcache reads and writes itself); "sdpa" is [rows, kv_heads, length, dim], which
+    scaled_dot_product_attention reads without a copy. `read` always returns [n, kv_heads, L, dim]."""
+
+    def __init__(self, layers: int, rows: int, length: int, kv_heads: int, head_dim: int, dtype, device,
+                 layout: str = "sdpa"):
+        shape = (rows, length, kv_heads, head_dim) if layout == "flash" else (rows, kv_heads, length, head_dim)
+        self.layout, self.length = layout, length
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    def write(self, layer: int, slots: torch.Tensor, where: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [n, T, kv_heads, dim] of rows `slots` [n] at positions `where` [n, T]."""
+        if self.layout == "flash":
+            self.k[layer][slots[:, None], where], self.v[layer][slots[:, None], where] = k, v
+        else:
+            self.k[layer][slots[:, None], :, where], self.v[layer][slots[:, None], :, where] = k, v
+
+    def read(self, layer: int, slots: torch.Tensor, L: int, contiguous: bool = False):
+        """K, V [n, kv_heads, L, dim]: the first L positions of rows `slots`. `contiguous` says the
+        slots are 0..n-1, which lets the sdpa layout hand out a view instead of a gathered copy."""
+        out = []
+        for cache in (self.k[layer], self.v[layer]):
+            n = len(slots)
+            if self.layout == "flash":
+                out.append((cache[:n, :L] if contiguous else cache[slots, :L]).transpose(1, 2))
+            else:
+                out.append(cache[:n, :, :L] if contiguous else cache[slots, :, :L])
+        return out
+
+    def move(self, src: int, dst: int, n: int):
+        """Copy the first n positions of row src into row dst (every layer)."""
+        for cache in self.k + self.v:
+            if self.layout == "flash":
+                cache[dst, :n] = cache[src, :n]
+            else:
+                cache[dst, :, :n] = cache[src, :, :n]
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the next token
+# ----------------------------------------------------------------------------------------------
+class TokenChooser:
+    """Each row's next token from its logits: processor-only ids are never chosen, then greedy or
+    temperature/top-p sampling from one seeded generator; a scripted (forced) token overrides the
+    choice. The log-probability returned is that of the full distribution at temperature 1."""
+
+    def __init__(self, banned: torch.Tensor, settings: Settings):
+        self.banned, self.s = banned, settings
+        self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+
+    def __call__(self, logits: torch.Tensor, forced: list[int | None]) -> tuple[list[int], list[float]]:
+        logp = F.log_softmax(logits, -1)
+        allowed = logits.index_fill(1, self.banned.to(logits.device), float("-inf"))
+        chosen = allowed.argmax(-1) if self.s.greedy else self.sample(allowed)
+        for j, token in enumerate(forced):
+            if token is not None:
+                chosen[j] = token
+        chosen_lp = logp.gather(1, chosen[:, None].to(logp.device))[:, 0]
+        return chosen.tolist(), chosen_lp.tolist()
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of [rows, vocab] logits: temperature, then top-p (nucleus) filtering."""
+        probs = F.softmax(logits.float() / max(self.s.temperature, 1e-6), -1).cpu()
+        if self.s.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.s.top_p   # keep the smallest set reaching top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# One conversation in the batch
+# ----------------------------------------------------------------------------------------------
+class Slot:
+    """The state of one conversation: `ids` is the whole conversation so far, of which the first
+    `length` tokens are in the cache; the rest (and `images`) wait to be fed."""
 
     def __init__(self, index: int, sample: Sample, budget):
         self.index, self.sample = index, sample
@@ -85,11 +192,47 @@ class _Row:
         self.length = 0                        # tokens in the cache
         self.next_pos = 0                      # M-RoPE position of the next token to feed
 
-    def add(self, ids: list[int], images: list[Image.Image] = ()):
+    def add(self, ids: list[int], images: list[Image.Image] = (), sampled: bool = False, logprob: float = 0.0):
         self.ids += ids
-        self.sampled += [False] * len(ids)
-        self.logprobs += [0.0] * len(ids)
+        self.sampled += [sampled] * len(ids)
+        self.logprobs += [logprob] * len(ids)
         self.images += list(images)
+
+    def pending(self) -> int:
+        return len(self.ids) - self.length
+
+    def forced_token(self) -> int | None:
+        """The scripted token for this point of the current turn, if the sample has one."""
+        script = self.sample.forced
+        if script and self.traj.turns < len(script) and len(self.turn_ids) < len(script[self.traj.turns]):
+            return script[self.traj.turns][len(self.turn_ids)]
+        return None
+
+    def end_turn(self, text: str):
+        self.traj.turns += 1
+        self.traj.turn_texts.append(text)
+        self.turn_ids, self.tail = [], ""
+
+    def result(self) -> Trajectory:
+        t = self.traj
+        t.token_ids, t.sampled_mask, t.logprobs = self.ids, self.sampled, self.logprobs
+        t.crops, t.shown, t.tool_errors = self.episode.crops, self.episode.shown, self.episode.errors
+        return t
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    """Where one forward pass reads and writes: rows, cache lengths, and the attention mask."""
+    slot: torch.Tensor         # [n] cache rows
+    start: torch.Tensor        # [n] tokens already cached in each row
+    lens: torch.Tensor         # [n] tokens fed in this pass
+    write: torch.Tensor        # [n, T] cache positions of the new tokens
+    mask: torch.Tensor         # [n, 1, T, L] which cached keys each new query sees
+    L: int                     # cached length to read after writing
+    contiguous: bool           # slots are 0..n-1
 
 
 class Engine:
@@ -106,17 +249,11 @@ class Engine:
         self.inv_freq = self.lm.rotary_emb.inv_freq.float().to(self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.im_end = self.tok.convert_tokens_to_ids(IM_END)
-        # tokens only the processor may write: a sampled <|image_pad|> would claim an image that
-        # does not exist. Never chosen; log-probabilities stay those of the full distribution.
         vocab = self.tok.get_vocab()
         self.banned = torch.tensor([vocab[t] for t in BANNED_TOKENS if t in vocab], dtype=torch.long)
         self.use_flash = flash_attn_with_kvcache is not None and self.device.type == "cuda"
-        # the cache: flash-attn wants [batch, length, kv_heads, head_dim]; SDPA reads
-        # [batch, kv_heads, length, head_dim] without a copy, so each backend gets its own layout
-        shape = ((max_batch, max_len, self.n_kv, self.head_dim) if self.use_flash else
-                 (max_batch, self.n_kv, max_len, self.head_dim))
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.lm.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.lm.layers]
+        self.cache = KVCache(len(self.lm.layers), max_batch, max_len, self.n_kv, self.head_dim, self.dtype,
+                             self.device, "flash" if self.use_flash else "sdpa")
         self.fuse = self.device.type == "cpu"   # small CPU models: fewer, larger matrix products
         self.refresh()
         # the text of every token, to spot stop strings without decoding whole turns each step
@@ -141,13 +278,6 @@ class Engine:
         positions = torch.arange(self.max_len + 1, device=self.device)
         self.text_cos, self.text_sin = self._rope(positions[None, None].expand(3, 1, -1))   # [1, P, d]
 
-    def _cache_rows(self, cache, slot, n, L, contiguous):
-        """The first L cached positions of the given rows, as [n, kv_heads, L, head_dim]."""
-        if self.use_flash:
-            rows = cache[:n, :L] if contiguous else cache[slot, :L]
-            return rows.transpose(1, 2)
-        return cache[:n, :, :L] if contiguous else cache[slot, :, :L]
-
     # ------------------------------------------------------------------------------------------
     # The decoder, written out
     # ------------------------------------------------------------------------------------------
@@ -166,6 +296,11 @@ class Engine:
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
+    @staticmethod
+    def _rotate(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
     def _attend(self, q, K, V, mask):
         """Attention of q [n, heads, T, d] over K, V [n, kv_heads, L, d] where mask [n, 1, T, L].
         A decode step (T = 1) is written as two products over the grouped heads, which on CPU is
@@ -178,10 +313,64 @@ class Engine:
         scores = scores.masked_fill(~mask.view(n, 1, 1, -1), float("-inf"))
         return torch.matmul(scores.softmax(-1), V).view(n, H, 1, d)
 
-    @staticmethod
-    def _rotate(x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def _inputs(self, chunks, images, positions):
+        """Token ids [n, T], M-RoPE positions [3, n, T], the position after each chunk, and the
+        pixels of the chunks' images (None when there are none)."""
+        n, T = len(chunks), max(len(c) for c in chunks)
+        flat = [im for ims in images for im in ims]
+        if T == 1 and not flat:   # a decode step: one text token a row, positions just advance
+            pos = torch.tensor(positions)[None, :, None].expand(3, n, 1)
+            return torch.tensor(chunks), pos, [p + 1 for p in positions], None
+        ids = torch.full((n, T), self.tok.pad_token_id, dtype=torch.long)
+        pos = torch.zeros(3, n, T, dtype=torch.long)
+        pixels = self.processor.pixels(flat) if flat else None
+        grid_list = [tuple(g) for g in pixels[1].tolist()] if flat else []
+        nexts, g = [], 0
+        for r, chunk in enumerate(chunks):
+            ids[r, :len(chunk)] = torch.tensor(chunk)
+            p, nxt = rope_positions(chunk, grid_list[g:g + len(images[r])], positions[r],
+                                    self.processor.image_token_id, self.processor.merge)
+            g += len(images[r])
+            pos[:, r, :len(chunk)] = p
+            nexts.append(nxt)
+        return ids, pos, nexts, pixels
+
+    def _step(self, slots, chunks, starts) -> _Step:
+        dev, T = self.device, max(len(c) for c in chunks)
+        lens = torch.tensor([len(c) for c in chunks], device=dev)
+        start = torch.tensor(starts, device=dev)
+        write = (start[:, None] + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)   # [n, T]
+        L = int((start + lens).max())
+        # query i of row r sees keys 0 .. start_r + i (its own chunk causally, never padding)
+        limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
+        mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n, 1, T, L]
+        return _Step(torch.tensor(slots, device=dev), start, lens, write, mask, L, slots == list(range(len(slots))))
+
+    def _layer(self, i: int, x, cos, sin, st: _Step):
+        """One decoder layer over x [n, T, hidden]; the new keys and values go into the cache."""
+        layer = self.lm.layers[i]
+        at, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = self.w[i]
+        n, T = x.shape[:2]
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        h = self._rms(x, None if qkv is not None else layer.input_layernorm.weight)
+        q, k, v = F.linear(h, *qkv).split([nq, nk, nk], dim=-1) if qkv is not None else (
+            at.q_proj(h), at.k_proj(h), at.v_proj(h))
+        # rotate q and k together (M-RoPE), as [n, heads, T, head_dim]
+        qk = self._rotate(torch.cat([q, k], -1).view(n, T, -1, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk[:, :self.n_heads], qk[:, self.n_heads:].transpose(1, 2)      # k: [n, T, kv, d]
+        v = v.view(n, T, self.n_kv, self.head_dim)
+        if self.use_flash and int(st.start.max()) + T <= self.max_len:   # flash writes the cache itself
+            o = flash_attn_with_kvcache(q.transpose(1, 2), self.cache.k[i], self.cache.v[i], k=k, v=v,
+                                        cache_seqlens=st.start.int(), cache_batch_idx=st.slot.int(), causal=True)
+        else:
+            self.cache.write(i, st.slot, st.write, k, v)
+            K, V = self.cache.read(i, st.slot, st.L, st.contiguous)
+            o = self._attend(q, K, V, st.mask).transpose(1, 2)
+        x = x + at.o_proj(o.reshape(n, T, -1))
+        h = self._rms(x, None if gate_up is not None else layer.post_attention_layernorm.weight)
+        gate, up = F.linear(h, gate_up).chunk(2, dim=-1) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+        return x + mlp.down_proj(F.silu(gate) * up)
 
     @torch.no_grad()
     def forward(self, slots: list[int], chunks: list[list[int]], images: list[list[Image.Image]],
@@ -189,256 +378,150 @@ class Engine:
         """Append one chunk to each listed cache row and return the logits after each chunk's last
         token ([n, vocab]) and the M-RoPE position that follows each chunk.
         `starts` are the rows' cache lengths, `positions` their next M-RoPE positions."""
-        n, T = len(slots), max(len(c) for c in chunks)
-        dev = self.device
-        flat = [im for ims in images for im in ims]
-        if T == 1 and not flat:   # a decode step: one text token a row, positions just advance
-            ids = torch.tensor(chunks)
-            pos = torch.tensor(positions)[None, :, None].expand(3, n, 1)
-            nexts = [p + 1 for p in positions]
-        else:
-            ids = torch.full((n, T), self.tok.pad_token_id, dtype=torch.long)
-            pos = torch.zeros(3, n, T, dtype=torch.long)
-            if flat:
-                pixel_values, grids = self.processor.pixels(flat)
-                grid_list = [tuple(g) for g in grids.tolist()]
-            nexts, g = [], 0
-            for r, chunk in enumerate(chunks):
-                ids[r, :len(chunk)] = torch.tensor(chunk)
-                p, nxt = rope_positions(chunk, grid_list[g:g + len(images[r])] if images[r] else [],
-                                        positions[r], self.processor.image_token_id, self.processor.merge)
-                g += len(images[r])
-                pos[:, r, :len(chunk)] = p
-                nexts.append(nxt)
-        ids, pos = ids.to(dev), pos.to(dev)
+        ids, pos, nexts, pixels = self._inputs(chunks, images, positions)
+        ids, pos = ids.to(self.device), pos.to(self.device)
         x = self.lm.embed_tokens(ids)
-        if flat:
-            feats = self.model.model.visual(pixel_values.to(dev, self.dtype), grid_thw=grids.to(dev)).pooler_output
-            mask = ids == self.processor.image_token_id
-            x = x.masked_scatter(mask[..., None], feats.to(x.dtype))
-        if T == 1 and not flat:   # text positions: a table lookup
+        if pixels is not None:
+            pixel_values, grids = pixels
+            feats = self.model.model.visual(pixel_values.to(self.device, self.dtype),
+                                            grid_thw=grids.to(self.device)).pooler_output
+            x = x.masked_scatter((ids == self.processor.image_token_id)[..., None], feats.to(x.dtype))
+        if ids.shape[1] == 1 and pixels is None:   # text positions: a table lookup
             cos, sin = self.text_cos[0, pos[0, :, 0]][:, None], self.text_sin[0, pos[0, :, 0]][:, None]
         else:
             cos, sin = self._rope(pos)
         cos, sin = cos[:, None], sin[:, None]                              # [n, 1, T, D]
-        lens = torch.tensor([len(c) for c in chunks], device=dev)
-        start = torch.tensor(starts, device=dev)
-        slot = torch.tensor(slots, device=dev)
-        write = (start[:, None] + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)   # [n, T]
-        L = int((start + lens).max())
-        # query i of row r sees keys 0 .. start_r + i (its own chunk causally, never padding)
-        limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
-        attn_mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n,1,T,L]
-        contiguous = slots == list(range(n))
-        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        for i, layer in enumerate(self.lm.layers):
-            at, mlp = layer.self_attn, layer.mlp
-            (qkv, gate_up) = self.w[i]
-            h = self._rms(x, None if qkv is not None else layer.input_layernorm.weight)
-            if qkv is not None:
-                q, k, v = F.linear(h, *qkv).split([nq, nk, nk], dim=-1)
-            else:
-                q, k, v = at.q_proj(h), at.k_proj(h), at.v_proj(h)
-            # rotate q and k together (M-RoPE), as [n, heads, T, head_dim]
-            qk = self._rotate(torch.cat([q, k], -1).view(n, T, -1, self.head_dim).transpose(1, 2), cos, sin)
-            q, k = qk[:, :self.n_heads], qk[:, self.n_heads:].transpose(1, 2)      # k: [n, T, kv, d]
-            v = v.view(n, T, self.n_kv, self.head_dim)
-            if self.use_flash and int(start.max()) + T <= self.max_len:
-                o = flash_attn_with_kvcache(q.transpose(1, 2), self.k[i], self.v[i], k=k, v=v,
-                                            cache_seqlens=start.int(), cache_batch_idx=slot.int(), causal=True)
-            else:
-                if self.use_flash:
-                    self.k[i][slot[:, None], write], self.v[i][slot[:, None], write] = k, v
-                else:
-                    self.k[i][slot[:, None], :, write], self.v[i][slot[:, None], :, write] = k, v
-                K = self._cache_rows(self.k[i], slot, n, L, contiguous)
-                V = self._cache_rows(self.v[i], slot, n, L, contiguous)
-                o = self._attend(q, K, V, attn_mask).transpose(1, 2)
-            x = x + at.o_proj(o.reshape(n, T, -1))
-            h = self._rms(x, None if gate_up is not None else layer.post_attention_layernorm.weight)
-            if gate_up is not None:
-                gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
-            else:
-                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            x = x + mlp.down_proj(F.silu(gate) * up)
-        last = x[torch.arange(n, device=dev), lens - 1]
+        st = self._step(slots, chunks, starts)
+        for i in range(len(self.lm.layers)):
+            x = self._layer(i, x, cos, sin, st)
+        last = x[torch.arange(len(slots), device=self.device), st.lens - 1]
         logits = self.model.lm_head(self._rms(last, self.lm.norm.weight))
         return logits.float(), nexts
 
     # ------------------------------------------------------------------------------------------
     # Episodes
     # ------------------------------------------------------------------------------------------
-    def run(self, samples: list[Sample], max_turns: int = 6, greedy: bool = False, temperature: float = 1.0,
-            top_p: float = 1.0, seed: int = 0, max_turn_tokens: int = 256, max_total_tokens: int | None = None,
-            max_images: int = 32, stop: tuple[str, ...] = STOP_STRINGS, progress: bool = True,
-            on_text=None, eos: bool = True) -> list[Trajectory]:
+    def run(self, samples: list[Sample], settings: Settings | None = None, progress: bool = True,
+            on_text=None, **changes) -> list[Trajectory]:
         """Play every sample's episode to its end; results come back in the samples' order.
+        `settings` (or keyword changes to the defaults, e.g. greedy=True) say how to generate.
         `on_text(sample_index, text)` is called with each piece of the conversation as it grows."""
-        max_total = min(max_total_tokens or self.max_len, self.max_len)
+        s = replace(settings or Settings(), **changes)
         self.refresh()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        waiting = list(range(len(samples)))[::-1]
-        rows: list[_Row] = []            # rows[i] lives in cache slot i
+        choose = TokenChooser(self.banned, s)
+        waiting = deque(enumerate(samples))
+        slots: list[Slot] = []           # slots[i] lives in cache row i
         results: list[Trajectory | None] = [None] * len(samples)
         bar = tqdm(total=len(samples), desc="rollout", disable=not progress, dynamic_ncols=True, leave=False)
-
-        def new_row() -> _Row:
-            i = waiting.pop()
-            r = _Row(i, samples[i], self.processor.budget)
-            ctx_text, ctx_images = r.sample.context or ("", [])
-            text = prompt_text(r.sample.question, r.sample.system, ctx_text, image=r.sample.image is not None)
-            images = [self.processor.budget.resize(im) for im in ctx_images] + r.episode.shown[:1]
-            r.add(encode_chunk(self.tok, text, [image_token_count(im) for im in images]), images)
-            if on_text:
-                on_text(i, text)
-            return r
-
-        def finish(slot: int):
-            r = rows[slot]
-            t = r.traj
-            t.token_ids, t.sampled_mask, t.logprobs = r.ids, r.sampled, r.logprobs
-            t.crops, t.shown, t.tool_errors = r.episode.crops, r.episode.shown, r.episode.errors
-            results[r.index] = t
-            bar.update(1)
-            if waiting:              # a waiting sample takes the slot
-                rows[slot] = new_row()
-                return
-            last = rows.pop()        # else the last row moves here: active rows stay contiguous
-            if slot < len(rows):
-                for cache in self.k + self.v:
-                    if self.use_flash:
-                        cache[slot, :last.length] = cache[len(rows), :last.length]
-                    else:
-                        cache[slot, :, :last.length] = cache[len(rows), :, :last.length]
-                rows[slot] = last
-
-        while waiting and len(rows) < self.max_batch:
-            rows.append(new_row())
-        while rows:
-            # 1. feed what each row has not fed yet: a new chunk (prompt, observation turn) goes
-            #    through a prefill of those rows; a single sampled token through one decode step
-            logits = {}
-            for i, r in enumerate(rows):
-                if len(r.ids) > max_total:
-                    r.traj.over_length = True
-            pre = [i for i, r in enumerate(rows) if len(r.ids) - r.length > 1 and not r.traj.over_length]
-            dec = [i for i, r in enumerate(rows) if len(r.ids) - r.length == 1 and not r.traj.over_length]
-            if pre:
-                out, nexts = self.forward(pre, [rows[i].ids[rows[i].length:] for i in pre],
-                                          [rows[i].images for i in pre], [rows[i].length for i in pre],
-                                          [rows[i].next_pos for i in pre])
-                for j, i in enumerate(pre):
-                    r = rows[i]
-                    self.prefill_tokens += len(r.ids) - r.length
-                    r.length, r.next_pos, r.images = len(r.ids), nexts[j], []
-                    logits[i] = out[j]
-            if dec:
-                # every active row goes through the step, so the cache is used in place; a row that
-                # is not decoding writes one dummy entry past its length, overwritten later
-                out, _ = self.forward(list(range(len(rows))), [r.ids[-1:] for r in rows], [[] for _ in rows],
-                                      [r.length for r in rows], [r.next_pos for r in rows])
-                for i in dec:
-                    rows[i].length += 1
-                    rows[i].next_pos += 1
-                    logits[i] = out[i]
-                self.decode_tokens += len(dec)
-            # 2. choose each row's next token; end turns and episodes
-            done = [i for i, r in enumerate(rows) if r.traj.over_length]
+        while waiting and len(slots) < self.max_batch:
+            slots.append(self._admit(*waiting.popleft(), on_text))
+        while slots:
+            logits = self._feed(slots, s)
+            done = [i for i, r in enumerate(slots) if r.traj.over_length]
             order = sorted(logits)
             if order:
-                stacked = torch.stack([logits[i] for i in order])
-                logp = F.log_softmax(stacked, -1)
-                allowed = stacked.index_fill(1, self.banned.to(stacked.device), float("-inf"))
-                chosen = allowed.argmax(-1) if greedy else _sample(allowed, temperature, top_p, gen)
-                for j, i in enumerate(order):   # scripted turns (tests, benchmarks) override the choice
-                    r = rows[i]
-                    forced = r.sample.forced[r.traj.turns] if r.sample.forced and r.traj.turns < len(r.sample.forced) else None
-                    if forced is not None and len(r.turn_ids) < len(forced):
-                        chosen[j] = forced[len(r.turn_ids)]
-                chosen_lp = logp.gather(1, chosen[:, None].to(logp.device))[:, 0].tolist()
-                chosen = chosen.tolist()
-            for j, i in enumerate(order):
-                r = rows[i]
-                turn = r.traj.turns
-                token = chosen[j]
-                r.ids.append(token)
-                r.sampled.append(True)
-                r.logprobs.append(chosen_lp[j])
-                r.turn_ids.append(token)
-                r.tail = (r.tail + self.pieces[token])[-64:]
-                closed = eos and token == self.im_end
-                stopped = closed or any(s in r.tail for s in (r.sample.stop if r.sample.stop is not None else stop))
-                if not stopped:
-                    if len(r.turn_ids) >= max_turn_tokens or len(r.ids) >= max_total:
-                        text = self.tok.decode(r.turn_ids)
-                        if len(r.ids) >= max_total:
-                            r.traj.over_length = True     # out of context: over-turn masking masks it
-                        else:
-                            r.traj.truncated = True       # a rambling turn: no action, no answer
-                        r.traj.turns += 1
-                        r.traj.turn_texts.append(text)
-                        if on_text:
-                            on_text(r.index, text)
-                        done.append(i)
-                    continue
-                text = self.tok.decode(r.turn_ids)
-                r.traj.turns += 1
-                r.traj.turn_texts.append(text)
-                r.turn_ids, r.tail = [], ""
-                if on_text:
-                    on_text(r.index, text)
-                action = r.episode.parse(text.replace(IM_END, ""))
-                if action.kind in ("answer", "none"):
-                    r.traj.answer, r.traj.answered = action.answer, action.kind == "answer"
-                    done.append(i)
-                elif turn + 1 >= max_turns or len(r.episode.images) >= max_images:
-                    r.traj.exceeded_turns = True      # a tool call on the last allowed turn
-                    done.append(i)
-                else:
-                    user, new = r.episode.apply(action)
-                    chunk = tool_turn_text(user)
-                    r.add(encode_chunk(self.tok, chunk, [image_token_count(new)] if new else []), [new] if new else [])
-                    if on_text:
-                        on_text(r.index, chunk)
+                tokens, lps = choose(torch.stack([logits[i] for i in order]),
+                                     [slots[i].forced_token() for i in order])
+                done += [i for i, t, lp in zip(order, tokens, lps) if self._advance(slots[i], t, lp, s, on_text)]
             for i in sorted(set(done), reverse=True):
-                finish(i)
+                results[slots[i].index] = slots[i].result()
+                bar.update(1)
+                self._retire(slots, i, waiting, on_text)
         bar.close()
         return results
 
+    def _admit(self, index: int, sample: Sample, on_text) -> Slot:
+        """A new conversation: its prompt (with any few-shot context) waits to be fed."""
+        r = Slot(index, sample, self.processor.budget)
+        ctx_text, ctx_images = sample.context or ("", [])
+        text = prompt_text(sample.question, sample.system, ctx_text, image=sample.image is not None)
+        images = [self.processor.budget.resize(im) for im in ctx_images] + r.episode.shown[:1]
+        r.add(encode_chunk(self.tok, text, [image_token_count(im) for im in images]), images)
+        if on_text:
+            on_text(index, text)
+        return r
 
-JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\nReference answer: {reference}\n"
-                "Candidate answer: {answer}\nDoes the candidate answer mean the same as the reference answer? "
-                "Reply with exactly \"Score: 1\" if it does and \"Score: 0\" if it does not.")
+    def _retire(self, slots: list[Slot], i: int, waiting: deque, on_text):
+        """Free slot i: a waiting sample takes it, or the last slot moves into it (cache row
+        included), so that the active rows stay 0..n-1."""
+        if waiting:
+            slots[i] = self._admit(*waiting.popleft(), on_text)
+            return
+        last = slots.pop()
+        if i < len(slots):
+            self.cache.move(len(slots), i, last.length)
+            slots[i] = last
 
+    def _feed(self, slots: list[Slot], s: Settings) -> dict[int, torch.Tensor]:
+        """Put every slot's unfed tokens through the model; returns the logits of each slot that
+        now needs a new token. A new chunk (prompt, observation turn) goes through one prefill of
+        those slots; a single sampled token through one decode step of all active slots (the cache
+        used in place; a slot with nothing to decode writes a dummy entry past its length, which
+        is overwritten later)."""
+        for r in slots:
+            if len(r.ids) > self._max_total(s):
+                r.traj.over_length = True
+        live = [i for i, r in enumerate(slots) if not r.traj.over_length]
+        pre = [i for i in live if slots[i].pending() > 1]
+        dec = [i for i in live if slots[i].pending() == 1]
+        logits = {}
+        if pre:
+            out, nexts = self.forward(pre, [slots[i].ids[slots[i].length:] for i in pre], [slots[i].images for i in pre],
+                                      [slots[i].length for i in pre], [slots[i].next_pos for i in pre])
+            for j, i in enumerate(pre):
+                r = slots[i]
+                self.prefill_tokens += r.pending()
+                r.length, r.next_pos, r.images = len(r.ids), nexts[j], []
+                logits[i] = out[j]
+        if dec:
+            out, _ = self.forward(list(range(len(slots))), [r.ids[-1:] for r in slots], [[] for _ in slots],
+                                  [r.length for r in slots], [r.next_pos for r in slots])
+            for i in dec:
+                slots[i].length += 1
+                slots[i].next_pos += 1
+                logits[i] = out[i]
+            self.decode_tokens += len(dec)
+        return logits
 
-def judge(engine: "Engine", rows: list[dict], answers: list[str | None]) -> list[float]:
-    """Mini-o3's LLM-judge reward: exact/normalised match first; otherwise the judge model (run
-    through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1"."""
-    import re
-    from common import PLAIN_SYSTEM_PROMPT, grade
-    scores = [grade(a, r) for a, r in zip(answers, rows)]
-    ask = [i for i, (a, s) in enumerate(zip(answers, scores)) if a is not None and s == 0 and not rows[i].get("options")]
-    samples = [Sample(None, JUDGE_PROMPT.format(question=rows[i]["problem"].replace("<image>", "").strip(),
-                                                reference=rows[i]["solution"], answer=answers[i]),
-                      system=PLAIN_SYSTEM_PROMPT) for i in ask]
-    for i, t in zip(ask, engine.run(samples, max_turns=1, greedy=True, max_turn_tokens=32, progress=False)):
-        scores[i] = 1.0 if re.search(r"Score:\s*1", t.turn_texts[-1] if t.turn_texts else "") else 0.0
-    return scores
+    def _advance(self, r: Slot, token: int, logprob: float, s: Settings, on_text) -> bool:
+        """Append the chosen token; at the end of a turn carry out its action. True when the
+        conversation is over (answered, no action, out of turns, or out of tokens)."""
+        r.add([token], sampled=True, logprob=logprob)
+        r.turn_ids.append(token)
+        r.tail = (r.tail + self.pieces[token])[-64:]
+        stops = r.sample.stop if r.sample.stop is not None else s.stop
+        if not ((s.eos and token == self.im_end) or any(x in r.tail for x in stops)):
+            if len(r.turn_ids) < s.max_turn_tokens and len(r.ids) < self._max_total(s):
+                return False
+            if len(r.ids) >= self._max_total(s):
+                r.traj.over_length = True     # out of context: over-turn masking masks it
+            else:
+                r.traj.truncated = True       # a rambling turn: no action, no answer
+            self._end_turn(r, on_text)
+            return True
+        action = r.episode.parse(self._end_turn(r, on_text).replace(IM_END, ""))
+        if action.kind in ("answer", "none"):
+            r.traj.answer, r.traj.answered = action.answer, action.kind == "answer"
+            return True
+        if r.traj.turns >= s.max_turns or len(r.episode.images) >= s.max_images:
+            r.traj.exceeded_turns = True      # a tool call on the last allowed turn
+            return True
+        user, new = r.episode.apply(action)
+        chunk = tool_turn_text(user)
+        r.add(encode_chunk(self.tok, chunk, [image_token_count(new)] if new else []), [new] if new else [])
+        if on_text:
+            on_text(r.index, chunk)
+        return False
 
+    def _max_total(self, s: Settings) -> int:
+        return min(s.max_total_tokens or self.max_len, self.max_len)
 
-BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of [rows, vocab] logits: temperature, then top-p (nucleus) filtering."""
-    probs = F.softmax(logits.float() / max(temperature, 1e-6), -1).cpu()
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p      # keep the smallest set reaching top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
+    def _end_turn(self, r: Slot, on_text) -> str:
+        text = self.tok.decode(r.turn_ids)
+        r.end_turn(text)
+        if on_text:
+            on_text(r.index, text)
+        return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,40 +540,38 @@ def draw_search(image: Image.Image, crops: list[dict], path: str):
     im.save(path)
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny-base", help="tiny | tiny-base | a checkpoint folder | a hub name")
-    ap.add_argument("--image")
-    ap.add_argument("--question")
-    ap.add_argument("--max-turns", type=int, default=12)
-    ap.add_argument("--max-turn-tokens", type=int, default=512)
-    ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
-    ap.add_argument("--json", action="store_true", help="print the trajectory as JSON on the last line")
-    ap.add_argument("--save-inputs", help="write input_ids, pixel_values, image_grid_thw (safetensors)")
-    ap.add_argument("--draw", help="save the image with the zoom boxes numbered")
-    ap.add_argument("--bench", action="store_true", help="run the engine benchmark")
-    args = ap.parse_args()
-    if args.bench:
-        from bench import bench
-        bench()
-        return
-    if not args.image or not args.question:
-        ap.error("--image and --question are required (or --bench)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load(args.model, device=device)
+    io = ap.add_argument_group("input and output")
+    io.add_argument("--model", default="tiny-base", help="tiny | tiny-base | a checkpoint folder | a hub name")
+    io.add_argument("--image", required=True)
+    io.add_argument("--question", required=True)
+    io.add_argument("--json", action="store_true", help="print the trajectory as JSON on the last line")
+    io.add_argument("--save-inputs", help="write input_ids, pixel_values, image_grid_thw (safetensors)")
+    io.add_argument("--draw", help="save the image with the zoom boxes numbered")
+    gen = ap.add_argument_group("generation")
+    gen.add_argument("--max-turns", type=int, default=12)
+    gen.add_argument("--max-turn-tokens", type=int, default=512)
+    gen.add_argument("--greedy", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, processor = load(args.model, device=pick_device())
     if args.max_pixels:
         processor.budget.max_pixels = args.max_pixels
-    engine = Engine(model, processor, max_batch=1)
     image = Image.open(args.image).convert("RGB")
     out = sys.stderr if args.json else sys.stdout
-    traj = engine.run([Sample(image, args.question)], max_turns=args.max_turns, greedy=args.greedy,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      max_turn_tokens=args.max_turn_tokens, progress=False,
-                      on_text=lambda i, text: print(text.replace("<|image_pad|>", ""), end="", file=out, flush=True))[0]
+    settings = Settings(max_turns=args.max_turns, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, max_turn_tokens=args.max_turn_tokens)
+    show = lambda i, text: print(text.replace("<|image_pad|>", ""), end="", file=out, flush=True)
+    traj = Engine(model, processor, max_batch=1).run([Sample(image, args.question)], settings, progress=False,
+                                                     on_text=show)[0]
     print(f"\n\nanswer: {traj.answer!r}  turns: {traj.turns}  zooms: {len(traj.crops)}  tool errors: "
           f"{traj.tool_errors}  exceeded: {traj.exceeded}", file=out)
     if args.save_inputs:

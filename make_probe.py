@@ -1,7 +1,6 @@
-"""Stage 0: synthetic Visual-Probe-style data, base perception data, and benchmark converters.
+"""Stage 0: synthetic Visual-Probe-style data, and converters of the real benchmarks' files.
 
     python make_probe.py --out data/probe --n-train 600 --n-test 90 --seed 1
-    python make_probe.py --base --out data/base --n-test 300 --seed 7
     python make_probe.py --from visualprobe FILE.json --images DIR --out data/vp_hard
     python make_probe.py --from vstar DIR --out data/vstar
     python make_probe.py --from hrbench FILE.tsv --out data/hr4k
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import WORDS, atomic_path, write_jsonl, read_jsonl, Budget, TINY_MIN_PIXELS, TINY_MAX_PIXELS
+from common import TINY_BUDGET, WORDS, Budget, atomic_path, write_jsonl
 
 GRID = 8
 COLOURS = {"red": (214, 40, 40), "green": (36, 150, 60), "blue": (40, 80, 214), "yellow": (236, 196, 24)}
@@ -61,7 +60,7 @@ def ask(question: str) -> str:
     return question + "\n<image>"
 
 
-BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)   # the tiny default; used for the stats table
+BUDGET = TINY_BUDGET   # the tiny default; used for the stats table
 _GRADIENTS: dict[int, np.ndarray] = {}
 
 
@@ -106,7 +105,12 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: dict):
     draw_glyph(draw, obj["glyph"], cx, cy, scale, ink)
 
 
-def cell_box(cell: int, size: int) -> list[float]:
+def fmt_box(box: list[float]) -> str:
+    """A relative box as the protocol writes it: "[0.125, 0.250, 0.250, 0.375]"."""
+    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
+
+
+def cell_box(cell: int) -> list[float]:
     """Relative box of one grid cell (row-major index)."""
     r, c = divmod(cell, GRID)
     return [c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID]
@@ -178,136 +182,6 @@ def level_stats(level: str, budget: Budget = BUDGET) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Base mode: single-turn perception tasks for pretraining the tiny model (a curriculum).
-# Each sample is (image, question, answer text) rendered like the later stages render a turn.
-# ----------------------------------------------------------------------------------------------
-BASE_TASKS = ["describe", "read", "locate", "list", "find"]
-
-
-def fmt_box(box: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
-
-
-def describe_object(o: dict) -> str:
-    return f"a {o['colour']} {o['shape']} with the character {o['glyph']}"
-
-
-AUX_SIZES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(GLYPHS), GRID, GRID)   # classes per label
-
-
-def token_labels(placed: list[dict], box: tuple[int, int, int, int], size: int, shown: tuple[int, int]) -> np.ndarray:
-    """Per-token targets for the base model's auxiliary heads, [tokens, 5]: colour, shape and
-    character of the object a token shows (0 = none, -100 = not judged) and the grid row and
-    column of the token's centre in the whole scene. `box` is the region of the scene (pixels)
-    that the image shows; `shown` its size at the budget (28 px a token)."""
-    x0, y0, x1, y1 = box
-    W, H = shown
-    gw, gh = W // 28, H // 28
-    sx, sy = (x1 - x0) / W, (y1 - y0) / H                     # scene pixels per shown pixel
-    lab = np.zeros((gh, gw, 5), np.int64)
-    cx = x0 + (np.arange(gw) + 0.5) * 28 * sx
-    cy = y0 + (np.arange(gh) + 0.5) * 28 * sy
-    lab[..., 3] = np.clip(cy * GRID // size, 0, GRID - 1)[:, None]
-    lab[..., 4] = np.clip(cx * GRID // size, 0, GRID - 1)[None, :]
-    colours, glyphs = list(COLOURS), GLYPHS
-    for o in placed:
-        ox0, oy0, ox1, oy1 = [(o["box"][0] - x0) / sx, (o["box"][1] - y0) / sy, (o["box"][2] - x0) / sx, (o["box"][3] - y0) / sy]
-        c0, c1 = max(0, int(ox0 // 28)), min(gw, int(np.ceil(ox1 / 28)))
-        r0, r1 = max(0, int(oy0 // 28)), min(gh, int(np.ceil(oy1 / 28)))
-        if c0 >= c1 or r0 >= r1:
-            continue
-        seen = ox1 - ox0                                       # the object's size as shown
-        lab[r0:r1, c0:c1, 0] = 1 + colours.index(o["colour"])
-        lab[r0:r1, c0:c1, 1] = 1 + SHAPES.index(o["shape"]) if seen >= 12 else -100
-        lab[r0:r1, c0:c1, 2] = -100                            # parts of the glyph: not judged
-        mr, mc = int((oy0 + oy1) / 2 // 28), int((ox0 + ox1) / 2 // 28)
-        if DOT / sx >= 2 and 0 <= mr < gh and 0 <= mc < gw:   # readable: its centre token names it
-            lab[mr, mc, 2] = 1 + glyphs.index(o["glyph"])
-    return lab.reshape(-1, 5)
-
-
-def glyph_sheet(rng: np.random.Generator, size: int = 280, per_side: int = 4) -> tuple[Image.Image, np.ndarray]:
-    """A dense sheet of objects drawn at zoom-in scale (4 px glyph dots), on a patch of the
-    gradient background: many labelled shapes and characters a picture, for the vision tower's
-    auxiliary pretraining. Returns the image and its per-token labels (no grid position)."""
-    scene_size = int(rng.choice([1024, 1536]))
-    ox, oy = rng.integers(0, scene_size - size, 2)
-    img = Image.fromarray(background(scene_size)[oy:oy + size, ox:ox + size].copy())
-    draw = ImageDraw.Draw(img)
-    cell = size // per_side
-    placed = []
-    for r in range(per_side):
-        for c in range(per_side):
-            if rng.random() < 0.15:
-                continue
-            obj = int(rng.integers(cell - 14, cell - 3))
-            x0 = c * cell + int(rng.integers(0, cell - obj + 1))
-            y0 = r * cell + int(rng.integers(0, cell - obj + 1))
-            o = {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
-                 "glyph": str(rng.choice(GLYPHS)), "box": [x0, y0, x0 + obj, y0 + obj]}
-            draw_object(draw, o)
-            placed.append(o)
-    labels = token_labels(placed, (0, 0, size, size), size, img.size)
-    labels[:, 3:] = -100
-    return img, labels
-
-
-def labelled_overview(rng: np.random.Generator, level: str, budget: Budget = BUDGET) -> tuple[Image.Image, np.ndarray]:
-    """A probe scene's overview at the budget with its per-token labels (vision pretraining)."""
-    img, _, placed = probe_sample(rng, level)
-    shown = budget.resize(img)
-    return shown, token_labels(placed, (0, 0) + img.size, img.width, shown.size)
-
-
-def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, level: str | None = None):
-    """One perception sample at the pixel budget the pipeline uses: (image, question, answer, meta).
-
-    describe: a one-cell crop around an object -> its colour, shape and character
-    read:     the same crop, asked for the character of "the <colour> <shape>" (answer: the glyph)
-    locate:   an overview with one object -> the box of its cell
-    list:     an overview with many objects -> the boxes of all objects of one colour, in reading order
-    find:     an easy overview (shapes visible) -> the box of "the <colour> <shape>"
-    `meta` holds what scoring needs (the target's pixel box, the listed cells).
-    """
-    level = level or str(rng.choice(list(LEVELS)))
-    k = LEVELS[level]
-    if task in ("describe", "read"):
-        img, fields, placed = probe_sample(rng, level)
-        o = placed[int(rng.integers(len(placed)))]
-        box = tuple(int(v * k["size"]) for v in cell_box(o["cell"], k["size"]))
-        shown = budget.resize(img.crop(box))
-        meta = {"glyph": o["glyph"], "colour": o["colour"], "shape": o["shape"],
-                "tokens": token_labels(placed, box, k["size"], shown.size)}
-        if task == "describe":
-            return shown, "What is in this image?", f"It is {describe_object(o)}.", meta
-        return shown, f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
-    if task == "locate":
-        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-        img, placed = scene(rng, k["size"], k["obj"], [(colour, shape)], k["clutter"])
-        o = placed[0]
-    elif task == "list":
-        img, fields, placed = probe_sample(rng, level)
-        colour = placed[int(rng.integers(len(placed)))]["colour"]
-        cells = sorted(o["cell"] for o in placed if o["colour"] == colour)
-        boxes = ", ".join(fmt_box(cell_box(c, img.width)) for c in cells)
-        shown = budget.resize(img)
-        return (shown, f"Where are the {colour} objects?", f"The {colour} objects: {boxes}.",
-                {"cells": cells, "tokens": token_labels(placed, (0, 0) + img.size, img.width, shown.size)})
-    elif task == "find":
-        img, fields, placed = probe_sample(rng, "easy")
-        o = placed[int(rng.integers(len(placed)))]
-        if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in placed) > 1:
-            o = placed[0]   # ask only about a unique object
-    else:
-        raise ValueError(f"unknown base task {task!r}; choose from {BASE_TASKS}")
-    shown = budget.resize(img)
-    return (shown, f"Where is the {o['colour']} {o['shape']}? Give its box.",
-            f"The {o['colour']} {o['shape']} is at {fmt_box(cell_box(o['cell'], img.width))}.",
-            {"target_bbox": [v / img.width for v in o["box"]],
-             "tokens": token_labels(placed, (0, 0) + img.size, img.width, shown.size)})
-
-
-# ----------------------------------------------------------------------------------------------
 # Writing splits.
 # ----------------------------------------------------------------------------------------------
 SPLIT_IDS = {"train": 1, "test": 2, "base_train": 3, "base_test": 4}
@@ -332,23 +206,6 @@ def write_probe(out: Path, n_train: int, n_test: int, seed: int) -> dict:
     return summary
 
 
-def write_base(out: Path, n_train: int, n_test: int, seed: int):
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for split, n in (("base_train", n_train), ("base_test", n_test)):
-        rows = []
-        for i in range(n):
-            task = BASE_TASKS[i % len(BASE_TASKS)]
-            img, question, answer, meta = base_sample(np.random.default_rng([seed, SPLIT_IDS[split], i]), task)
-            meta.pop("tokens")
-            name = f"images/{split}_{i:06d}.png"
-            with atomic_path(out / name) as tmp:
-                img.save(tmp, format="PNG")
-            rows.append({"images": [name], "problem": ask(question), "solution": answer,
-                         "data_source": "synthetic_base", "system": "plain", "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
-        write_jsonl(out / f"{split}.jsonl", rows)
-        print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
-
-
 def print_table(summary: dict):
     print(f"{'split':6} {'level':7} {'n':>4} {'image':>6} {'object':>6} {'obj@overview':>12} "
           f"{'glyph@overview':>14} {'glyph@crop':>10} {'look-alikes':>11} {'distractors':>11}")
@@ -366,7 +223,7 @@ def print_table(summary: dict):
 # ----------------------------------------------------------------------------------------------
 # Converters of real benchmark files into the same records.
 # ----------------------------------------------------------------------------------------------
-def from_visualprobe(path: Path, images: Path, out: Path, difficulty: str | None) -> list[dict]:
+def from_visualprobe(path: Path, images: Path, difficulty: str | None) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -444,38 +301,36 @@ def from_hrbench(path: Path, out: Path) -> list[dict]:
     return rows
 
 
-def main():
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/tiny/probe", help="folder for *.jsonl and images/")
-    ap.add_argument("--n-train", type=int, default=600)
-    ap.add_argument("--n-test", type=int, default=90)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--base", action="store_true", help="write single-turn perception data instead")
-    ap.add_argument("--from", dest="source", choices=["visualprobe", "vstar", "hrbench"])
-    ap.add_argument("input", nargs="?", help="the benchmark file or folder to convert (with --from)")
-    ap.add_argument("--images", help="VisualProbe's image folder")
-    ap.add_argument("--difficulty", help="VisualProbe split name to record (easy/medium/hard)")
-    args = ap.parse_args()
+    syn = ap.add_argument_group("synthetic probe (default)")
+    syn.add_argument("--n-train", type=int, default=600)
+    syn.add_argument("--n-test", type=int, default=90)
+    syn.add_argument("--seed", type=int, default=1, help="also shuffles V* options")
+    conv = ap.add_argument_group("converting a benchmark (writes <out>/test.jsonl)")
+    conv.add_argument("--from", dest="source", choices=["visualprobe", "vstar", "hrbench"])
+    conv.add_argument("input", nargs="?", help="the benchmark file or folder to convert (with --from)")
+    conv.add_argument("--images", help="VisualProbe's image folder")
+    conv.add_argument("--difficulty", help="VisualProbe split name to record (easy/medium/hard)")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
-    if args.source:
-        if not args.input:
-            ap.error("--from needs the input file or folder")
-        src = Path(args.input)
-        if args.source == "visualprobe":
-            rows = from_visualprobe(src, Path(args.images or src.parent), out, args.difficulty)
-        elif args.source == "vstar":
-            rows = from_vstar(src, args.seed)
-        else:
-            rows = from_hrbench(src, out)
-        write_jsonl(out / "test.jsonl", rows)
-        print(f"wrote {len(rows)} records to {out / 'test.jsonl'} in {time.time() - t0:.1f}s")
-        return
-    if args.base:
-        write_base(out, args.n_train, args.n_test, args.seed)
-    else:
+    if not args.source:
         print_table(write_probe(out, args.n_train, args.n_test, args.seed))
-    print(f"wrote {out} in {time.time() - t0:.1f}s")
+        print(f"wrote {out} in {time.time() - t0:.1f}s")
+        return
+    if not args.input:
+        ap.error("--from needs the input file or folder")
+    src = Path(args.input)
+    if args.source == "visualprobe":
+        rows = from_visualprobe(src, Path(args.images or src.parent), args.difficulty)
+    elif args.source == "vstar":
+        rows = from_vstar(src, args.seed)
+    else:
+        rows = from_hrbench(src, out)
+    write_jsonl(out / "test.jsonl", rows)
+    print(f"wrote {len(rows)} records to {out / 'test.jsonl'} in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

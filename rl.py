@@ -3,6 +3,10 @@
     python rl.py                                   # runs/tiny/sft -> runs/tiny/rl
     python rl.py --no-overturn-mask --out runs/tiny/rl_nomask     # the ablation
 
+Reads: a policy checkpoint (--model) and probe questions (--data). Writes: the trained policy to
+--out (a checkpoint folder, with trainer_state.pt for --resume) and one line per step to
+<out>_log.jsonl (reward, accuracy, turns, shares exceeded/truncated/dropped, loss, clip fraction).
+
 Each step: take P questions, roll out G trajectories per question through the engine
 (temperature 1.0, at most --max-turns turns), score each answer, turn the scores into advantages
 within each group, and take clipped policy-gradient steps on exactly the tokens the engine sampled.
@@ -16,7 +20,6 @@ many more turns than it was trained with.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -24,9 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import append_jsonl, grade, load, load_image, read_jsonl, save_checkpoint, seed_everything
-from infer import Engine, Sample, judge
-from sft import collate, token_logprobs
+from common import append_jsonl, grade, load_image, read_jsonl
+from eval import judge
+from infer import Engine, Sample, Settings
+from model import (check_finite, collate, load, pick_device, save_checkpoint, seed_everything, start_run,
+                   token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,141 +99,173 @@ def rewards_for(trajs, rows, judge_engine=None, format_bonus: float = 0.0, tool_
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop
+# One step: roll out groups, score them, update the policy
 # ----------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None):
+class Questions:
+    """An endless stream of the data's questions, reshuffled every epoch (seeded); `cursor` is the
+    position in it, saved with the checkpoint so that a resumed run asks the same questions."""
+
+    def __init__(self, rows: list[dict], seed: int, cursor: int = 0):
+        self.rows, self.seed, self.cursor = rows, seed, cursor
+
+    def take(self, n: int) -> list[dict]:
+        picked = []
+        for _ in range(n):
+            epoch, k = divmod(self.cursor, len(self.rows))
+            picked.append(self.rows[int(np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[k])])
+            self.cursor += 1
+        return picked
+
+
+def rollout_groups(engine, questions: Questions, root: Path, args, step: int, judge_engine=None):
+    """P groups of G rollouts whose rewards do not all tie (tied groups teach nothing: refill, at
+    most 4 rounds). Returns the groups as (trajectories, rewards, keep) and every rollout's
+    (trajectory, reward, correct) for the log, with the number of groups tried and dropped."""
+    G = args.group
+    groups, stats, tried, dropped = [], [], 0, 0
+    for attempt in range(4):
+        if len(groups) >= args.prompts:
+            break
+        qs = questions.take(args.prompts - len(groups))
+        settings = Settings(max_turns=args.max_turns, temperature=args.temperature, max_turn_tokens=args.max_turn_tokens,
+                            seed=args.seed * 100_003 + step * 101 + attempt)
+        trajs = engine.run([Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)], settings,
+                           progress=False)
+        rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus, args.tool_bonus)
+        for g, q in enumerate(qs):
+            tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
+            stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
+            # over-turn masking: keep is False for a rollout that exceeded the turn limit or context
+            keep_g = [not (t.exceeded and not args.no_overturn_mask) for t in tg]
+            counted = [r for r, k in zip(rg, keep_g) if k or args.stats == "official"]
+            tried += 1
+            if len(counted) < 2 or np.std(counted) < 1e-4:
+                dropped += 1
+                continue
+            groups.append((tg, rg, keep_g))
+    return groups, stats, tried, dropped
+
+
+def kl_penalty(ref, batch, lp) -> torch.Tensor:
+    """k3 estimate of KL(policy || reference) over the sampled tokens (off unless --kl > 0)."""
+    with torch.no_grad():
+        ref_lp = token_logprobs(ref, batch)
+    d = ref_lp - lp
+    m = batch["loss_mask"].float()
+    return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
+
+
+def update(model, opt, processor, groups, args, step: int, out: Path, ref=None) -> dict:
+    """Policy-gradient updates on mini-batches of the kept trajectories (the first one is on-policy,
+    ratio = 1). Returns the mean loss, clip fraction and the number of tokens trained on."""
+    trajs = [t for g in groups for t in g[0]]   # (no groups: every one tied, no update this step)
+    rewards = torch.tensor([r for g in groups for r in g[1]], dtype=torch.float)
+    keep = torch.tensor([k for g in groups for k in g[2]], dtype=torch.bool)
+    adv = group_advantages(rewards, args.group, keep, exclude_masked_from_stats=args.stats == "paper")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    order = [i for i in np.random.default_rng([args.seed, step]).permutation(len(trajs)) if keep[i]]
+    losses, clips, n_tok = [], [], 0
+    for b in range(0, len(order), args.minibatch):
+        idx = order[b:b + args.minibatch]
+        batch = collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask, "shown": trajs[i].shown}
+                         for i in idx], processor, device)
+        old = torch.zeros(len(idx), batch["input_ids"].shape[1])
+        for j, i in enumerate(idx):
+            old[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
+        lp = token_logprobs(model, batch)
+        loss, clip = policy_loss(lp, old.to(device), adv[idx].to(device), batch["loss_mask"],
+                                 keep[idx].to(device), args.clip_low, args.clip_high)
+        if ref is not None:
+            loss = loss + args.kl * kl_penalty(ref, batch, lp)
+        check_finite(loss, step + 1, out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        clips.append(clip.item())
+        n_tok += int(batch["attention_mask"].sum())
+    return {"loss": float(np.mean(losses)) if losses else 0.0, "clip_fraction": float(np.mean(clips)) if clips else 0.0,
+            "n_tok": n_tok}
+
+
+def step_record(step: int, stats, tried: int, dropped: int, upd: dict, seconds: float) -> dict:
+    """What one step logs: reward and accuracy of every rollout, how it searched, and the update."""
+    trajs = [s[0] for s in stats]
+    return {"step": step, "reward_mean": float(np.mean([s[1] for s in stats])),
+            "accuracy": float(np.mean([s[2] for s in stats])),
+            "mean_turns": float(np.mean([t.turns for t in trajs])),
+            "share_exceeded": float(np.mean([t.exceeded for t in trajs])),
+            "share_truncated": float(np.mean([t.truncated for t in trajs])),
+            "share_groups_dropped": dropped / max(tried, 1), "loss": upd["loss"], "clip_fraction": upd["clip_fraction"],
+            "tokens_per_s": (sum(len(t.token_ids) for t in trajs) + upd["n_tok"]) / seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
-    ap.add_argument("--data", default="runs/tiny/probe/train.jsonl")
-    ap.add_argument("--out", default="runs/tiny/rl")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--prompts", type=int, default=8, help="questions per step (P)")
-    ap.add_argument("--group", type=int, default=8, help="rollouts per question (G)")
-    ap.add_argument("--minibatch", type=int, default=16, help="trajectories per optimizer update")
-    ap.add_argument("--max-turns", type=int, default=6)
-    ap.add_argument("--max-turn-tokens", type=int, default=160)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--clip-low", type=float, default=0.2)
-    ap.add_argument("--clip-high", type=float, default=0.3)
-    ap.add_argument("--kl", type=float, default=0.0, help="weight of a KL penalty to the starting model (off)")
-    ap.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
-    ap.add_argument("--stats", choices=["official", "paper"], default="official",
+    io = ap.add_argument_group("input and output")
+    io.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
+    io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
+    io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log goes to <out>_log.jsonl")
+    io.add_argument("--save-every", type=int, default=5)
+    io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    io.add_argument("--seed", type=int, default=0)
+    ro = ap.add_argument_group("rollouts")
+    ro.add_argument("--steps", type=int, default=30)
+    ro.add_argument("--prompts", type=int, default=8, help="questions per step (P)")
+    ro.add_argument("--group", type=int, default=8, help="rollouts per question (G)")
+    ro.add_argument("--max-turns", type=int, default=6)
+    ro.add_argument("--max-turn-tokens", type=int, default=160)
+    ro.add_argument("--temperature", type=float, default=1.0)
+    ro.add_argument("--max-batch", type=int, default=32, help="engine rows at a time")
+    rw = ap.add_argument_group("rewards")
+    rw.add_argument("--judge", help="an LLM judge (path or hub name) instead of the rule match")
+    rw.add_argument("--format-bonus", type=float, default=0.0)
+    rw.add_argument("--tool-bonus", type=float, default=0.0)
+    op = ap.add_argument_group("optimisation")
+    op.add_argument("--minibatch", type=int, default=16, help="trajectories per optimizer update")
+    op.add_argument("--lr", type=float, default=2e-5)
+    op.add_argument("--clip-low", type=float, default=0.2)
+    op.add_argument("--clip-high", type=float, default=0.3)
+    op.add_argument("--kl", type=float, default=0.0, help="weight of a KL penalty to the starting model (off)")
+    op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
+    op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")
-    ap.add_argument("--judge", help="an LLM judge (path or hub name) instead of the rule match")
-    ap.add_argument("--format-bonus", type=float, default=0.0)
-    ap.add_argument("--tool-bonus", type=float, default=0.0)
-    ap.add_argument("--max-batch", type=int, default=32, help="engine rows at a time")
-    ap.add_argument("--save-every", type=int, default=5)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out)
-    state_file = out / "trainer_state.pt"
-    resume = args.resume and state_file.exists()
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    device, out = pick_device(), Path(args.out)
     seed_everything(args.seed)
-    model, processor = load(str(out) if resume else args.model, device=device)
+    model, processor, state = start_run(out, args.model, args.resume, device)
     for p in model.model.visual.parameters():      # the vision tower stays frozen, as in SFT
         p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
     ref = load(args.model, device=device)[0] if args.kl > 0 else None
     judge_engine = Engine(*load(args.judge, device=device), max_batch=args.max_batch) if args.judge else None
     step = 0
-    if resume:
-        state = torch.load(state_file, weights_only=False)
+    if state:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        print(f"resumed from {out} at step {step}")
-    rows = read_jsonl(args.data)
-    root = Path(args.data).parent
+    questions = Questions(read_jsonl(args.data), args.seed, state["cursor"] if state else 0)
     engine = Engine(model, processor, max_batch=args.max_batch)
     log = out.parent / (out.name + "_log.jsonl")
-    G = args.group
-    cursor = state["cursor"] if resume else 0      # position in the shuffled question stream
-
-    def next_questions(n):
-        nonlocal cursor
-        picked = []
-        for _ in range(n):
-            epoch, k = divmod(cursor, len(rows))
-            picked.append(rows[int(np.random.default_rng([args.seed, epoch]).permutation(len(rows))[k])])
-            cursor += 1
-        return picked
-
     bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
     while step < args.steps:
         t0 = time.time()
-        # 1. rollouts: P groups whose rewards do not all tie (tied groups teach nothing: refill)
-        groups, tried, dropped, stats = [], 0, 0, []
-        attempt = 0
-        while len(groups) < args.prompts and attempt < 4:
-            qs = next_questions(args.prompts - len(groups))
-            model.eval()
-            trajs = engine.run([Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)],
-                               max_turns=args.max_turns, temperature=args.temperature,
-                               seed=args.seed * 100_003 + step * 101 + attempt, max_turn_tokens=args.max_turn_tokens,
-                               progress=False)
-            rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus, args.tool_bonus)
-            for g, q in enumerate(qs):
-                tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
-                stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
-                keep_g = [not (t.exceeded and not args.no_overturn_mask) for t in tg]
-                counted = [r for r, k in zip(rg, keep_g) if k or args.stats == "official"]
-                tried += 1
-                if len(counted) < 2 or np.std(counted) < 1e-4:
-                    dropped += 1
-                    continue
-                groups.append((tg, rg, keep_g))
-            attempt += 1
-        trajs = [t for g in groups for t in g[0]]   # (no groups: every one tied, no update this step)
-        rewards = torch.tensor([r for g in groups for r in g[1]], dtype=torch.float)
-        keep = torch.tensor([k for g in groups for k in g[2]], dtype=torch.bool)
-        adv = group_advantages(rewards, G, keep, exclude_masked_from_stats=args.stats == "paper")
-        # 2. policy-gradient updates on mini-batches (the first one is on-policy: ratio = 1)
-        model.train()
-        order = [i for i in np.random.default_rng([args.seed, step]).permutation(len(trajs)) if keep[i]]
-        losses, clips, n_tok = [], [], 0
-        for b in range(0, len(order), args.minibatch):
-            idx = order[b:b + args.minibatch]
-            batch = collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask, "shown": trajs[i].shown}
-                             for i in idx], processor, device)
-            T = batch["input_ids"].shape[1]
-            old = torch.zeros(len(idx), T)
-            for j, i in enumerate(idx):
-                old[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
-            lp = token_logprobs(model, batch)
-            loss, clip = policy_loss(lp, old.to(device), adv[idx].to(device), batch["loss_mask"],
-                                     keep[idx].to(device), args.clip_low, args.clip_high)
-            if ref is not None:
-                with torch.no_grad():
-                    ref_lp = token_logprobs(ref, batch)
-                d = ref_lp - lp
-                m = batch["loss_mask"].float()
-                loss = loss + args.kl * ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise SystemExit(f"step {step + 1}: the loss is {loss.item()}; stopping. The last good "
-                                 f"checkpoint is {out}." if state_file.exists() else f"step {step + 1}: the loss is "
-                                 f"{loss.item()}; stopping before any checkpoint was saved.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
-            clips.append(clip.item())
-            n_tok += int(batch["attention_mask"].sum())
+        model.eval()
+        groups, stats, tried, dropped = rollout_groups(engine, questions, Path(args.data).parent, args, step,
+                                                       judge_engine)
+        upd = update(model, opt, processor, groups, args, step, out, ref)
         step += 1
-        all_t = [s[0] for s in stats]
-        record = {"step": step, "reward_mean": float(np.mean([s[1] for s in stats])),
-                  "accuracy": float(np.mean([s[2] for s in stats])),
-                  "mean_turns": float(np.mean([t.turns for t in all_t])),
-                  "share_exceeded": float(np.mean([t.exceeded for t in all_t])),
-                  "share_truncated": float(np.mean([t.truncated for t in all_t])),
-                  "share_groups_dropped": dropped / max(tried, 1),
-                  "loss": float(np.mean(losses)) if losses else 0.0, "clip_fraction": float(np.mean(clips)) if clips else 0.0,
-                  "tokens_per_s": (sum(len(t.token_ids) for t in all_t) + n_tok) / (time.time() - t0)}
+        record = step_record(step, stats, tried, dropped, upd, time.time() - t0)
         append_jsonl(log, record)
         bar.set_postfix(acc=f"{record['accuracy']:.2f}", turns=f"{record['mean_turns']:.1f}",
                         exc=f"{record['share_exceeded']:.2f}")
@@ -236,7 +273,7 @@ def main(argv: list[str] | None = None):
         tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(model, processor, out, {"trainer_state.pt": {
-                "optimizer": opt.state_dict(), "step": step, "cursor": cursor, "args": vars(args)}})
+                "optimizer": opt.state_dict(), "step": step, "cursor": questions.cursor, "args": vars(args)}})
     bar.close()
     print(f"saved {out} after {step} steps")
 

@@ -11,8 +11,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny():
     """A randomly initialised tiny model and its processor (built once per test session)."""
-    import common
-    model, processor = common.build_tiny(seed=0)
+    import model as lib
+    model, processor = lib.build_tiny(seed=0)
     return model.eval(), processor
 
 

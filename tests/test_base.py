@@ -2,9 +2,10 @@
 import numpy as np
 
 import make_probe
-from common import PLAIN_SYSTEM_PROMPT, TINY_BASE, load
+from base import base_sample, score_base
+from common import PLAIN_SYSTEM_PROMPT
 from infer import Engine, Sample
-from sft import score_base
+from model import TINY_BASE, load
 
 
 def _run(task, n, seed):
@@ -12,7 +13,7 @@ def _run(task, n, seed):
     rows, samples = [], []
     for i in range(n):
         level = list(make_probe.LEVELS)[i % 3]
-        img, q, a, meta = make_probe.base_sample(np.random.default_rng([seed, i]), task, proc.budget, level)
+        img, q, a, meta = base_sample(np.random.default_rng([seed, i]), task, proc.budget, level)
         meta.pop("tokens")
         rows.append({"task": task, "solution": a, **meta})
         samples.append(Sample(img, make_probe.ask(q), system=PLAIN_SYSTEM_PROMPT))

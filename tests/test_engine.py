@@ -1,12 +1,12 @@
 """The engine against plain transformers forwards without any cache."""
 import numpy as np
-import pytest
 import torch
 
 import make_probe
-from common import IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, tool_turn_text
+from common import (IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, render,
+                    tool_turn_text)
 from infer import BANNED_TOKENS, Engine, Sample
-from sft import collate, render
+from model import collate
 
 ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
 

@@ -4,7 +4,8 @@ import numpy as np
 from PIL import Image
 
 import eval as ev
-from common import read_jsonl, save_checkpoint
+from common import read_jsonl
+from model import save_checkpoint
 
 
 def _t(doc, diff, correct, answered, turns, zooms=1, sample=0, exceeded=False):

@@ -1,12 +1,10 @@
-import json
 
 import pytest
 import torch
 from PIL import Image
 
-import common
-from common import (SPECIAL_TOKENS, atomic_path, encode_chunk, load, prompt_text, read_jsonl, save_checkpoint,
-                    write_jsonl, image_token_count)
+from common import encode_chunk, image_token_count, prompt_text, read_jsonl, write_jsonl
+from model import SPECIAL_TOKENS, load, save_checkpoint
 
 
 def test_tokenizer_has_qwen_special_tokens(tiny):

@@ -13,7 +13,7 @@ import rl
 import sft
 from common import load_image, read_jsonl
 from infer import Engine, Sample
-from common import build_tiny, load, save_checkpoint
+from model import build_tiny, load, save_checkpoint
 
 ZOOM = '<think>Look.</think>\n<grounding>{"bbox_2d": [0.25, 0.25, 0.5, 0.5], "source": "original_image"}</grounding>'
 # greedy, committed tiny-base, the first three test questions of the fixture probe (seed 3), then

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import base
 import make_probe
 from common import read_jsonl
 
@@ -63,10 +64,10 @@ def test_print_table(probe_dir, capsys):
 
 def test_base_samples_answer_what_is_drawn():
     rng = np.random.default_rng(0)
-    for task in make_probe.BASE_TASKS:
-        img, q, a, meta = make_probe.base_sample(rng, task)
+    for task in base.BASE_TASKS:
+        img, q, a, meta = base.base_sample(rng, task)
         assert img.width % 28 == 0 and img.height % 28 == 0 and q and a
-    img, q, a, meta = make_probe.base_sample(np.random.default_rng(5), "locate")
+    img, q, a, meta = base.base_sample(np.random.default_rng(5), "locate")
     box = json.loads(a.split(" at ")[1].rstrip("."))
     w = img.width
     patch = np.asarray(img.crop([int(v * w) for v in box])).reshape(-1, 3).astype(int)
@@ -87,12 +88,12 @@ def test_visualprobe_converter(tmp_path):
     src = tmp_path / "vp.json"
     src.write_text(json.dumps([{"images": ["a.png"], "problem": "<image>\nWhat colour?", "solution": "red",
                                 "data_source": "vp", "doc_id": 7}]))
-    rows = make_probe.from_visualprobe(src, tmp_path / "imgs", tmp_path / "out", "hard")
+    rows = make_probe.from_visualprobe(src, tmp_path / "imgs", "hard")
     assert rows[0]["solution"] == "red" and rows[0]["difficulty"] == "hard" and rows[0]["doc_id"] == "7"
     assert Image.open(rows[0]["images"][0]).size == (40, 30)
     src.write_text(json.dumps([{"images": ["a.png"], "problem": "x"}]))
     with pytest.raises(ValueError, match="record 0 has no field 'solution'"):
-        make_probe.from_visualprobe(src, tmp_path / "imgs", tmp_path / "out", None)
+        make_probe.from_visualprobe(src, tmp_path / "imgs", None)
 
 
 def test_vstar_converter_shuffles_options(tmp_path):

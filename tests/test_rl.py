@@ -1,14 +1,13 @@
 """GRPO pieces against hand-computed values, and a few RL steps end to end."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import rl
-from common import load, read_jsonl, save_checkpoint
+from common import load_image, read_jsonl
 from infer import Engine, Sample
-from sft import collate, token_logprobs
+from model import collate, load, save_checkpoint, token_logprobs
 
 
 def test_group_advantages_official_and_paper():
@@ -69,7 +68,6 @@ def test_policy_loss_matches_hand_computation_and_masked_rows_get_no_gradient():
 
 def test_engine_old_logprobs_equal_training_forward(tiny, probe_dir):
     model, proc = tiny
-    from common import load_image
     row = read_jsonl(probe_dir / "train.jsonl")[0]
     trajs = Engine(model, proc).run([Sample(load_image(row, probe_dir), row["problem"])] * 3, max_turns=2,
                                     temperature=1.0, seed=5, max_turn_tokens=24, progress=False)

@@ -1,18 +1,18 @@
 """Cold start: the explorer, the filter, trajectory rendering, and the trainer's resume."""
-import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
+import base
 import collect
-import make_probe
 import sft
-from common import IM_END, Budget, TINY_MAX_PIXELS, TINY_MIN_PIXELS, encode_chunk, load_image, read_jsonl, save_checkpoint, write_jsonl
+from common import IM_END, TINY_BUDGET, encode_chunk, load_image, read_jsonl, render, write_jsonl
 from infer import Engine, Sample
+from model import save_checkpoint
 
-BUDGET = Budget(TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+BUDGET = TINY_BUDGET
 
 
 def test_explorer_sees_only_image_and_question(probe_dir):
@@ -29,10 +29,10 @@ def test_explorer_sees_only_image_and_question(probe_dir):
 def test_filter_drops_wrong_exceeded_and_duplicates():
     mk = lambda doc, ok, pat="trial_and_error", turns=("a",), **kw: {"doc_id": doc, "correct": ok, "pattern": pat, "turns": list(turns), **kw}
     found = [mk("1", True), mk("1", True), mk("2", False), mk("3", True, exceeded=True), mk("4", True, "direct", ("b",))]
-    kept = collect.keep(found, max_share=1.0, seed=0)
+    kept = collect.filter_trajectories(found, max_share=1.0, seed=0)
     assert sorted(f["doc_id"] for f in kept) == ["1", "4"]
     many = [mk(str(i), True, "direct", (str(i),)) for i in range(10)] + [mk(f"t{i}", True, "trial_and_error", (f"t{i}",)) for i in range(2)]
-    kept = collect.keep(many, max_share=0.6, seed=0)
+    kept = collect.filter_trajectories(many, max_share=0.6, seed=0)
     share = sum(f["pattern"] == "direct" for f in kept) / len(kept)
     assert share <= 0.6 + 1e-9 and sum(f["pattern"] == "trial_and_error" for f in kept) == 2
 
@@ -50,7 +50,7 @@ def test_rendered_trajectory_equals_engine_tokens_and_masks_only_assistant(tiny,
     row = read_jsonl(probe_dir / "train.jsonl")[1]   # a medium question: several turns
     image = load_image(row, probe_dir)
     res = collect.explore(image, row["problem"], proc.budget, random.Random(0))
-    s = sft.render(image, row["problem"], res["turns"], proc)
+    s = render(image, row["problem"], res["turns"], proc)
     tok = proc.tokenizer
     forced = [encode_chunk(tok, t) for t in res["turns"]]
     forced[-1] = forced[-1] + [tok.convert_tokens_to_ids(IM_END)]
@@ -133,8 +133,8 @@ def test_epoch_order_is_a_permutation_grouped_by_length():
 
 
 def test_base_records_mix_into_trajectory_training(small_run, tmp_path):
-    base = tmp_path / "base"
-    make_probe.write_base(base, 4, 0, seed=5)
-    sft.main(["--data", str(small_run / "cs.jsonl"), str(base / "base_train.jsonl"), "--init", str(small_run / "init"),
+    folder = tmp_path / "base"
+    base.write_base(folder, 4, 0, seed=5)
+    sft.main(["--data", str(small_run / "cs.jsonl"), str(folder / "base_train.jsonl"), "--init", str(small_run / "init"),
               "--out", str(tmp_path / "mix"), "--steps", "2", "--batch", "4", "--save-every", "2"])
     assert (tmp_path / "mix" / "model.safetensors").exists()

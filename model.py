@@ -1,0 +1,242 @@
+"""The model library: loading, the tiny model, batches for training, log-probabilities, checkpoints.
+
+  * `load` gives (model, processor) for "tiny" (random), "tiny-base", a local folder or a hub name,
+  * `build_tiny` makes the tiny default (the real Qwen2.5-VL class from a small config, with a
+    tokenizer trained here, offline),
+  * `collate` and `token_logprobs` turn rendered conversations into a batch and its log-probs
+    (SFT's loss and RL's policy both start there),
+  * `save_checkpoint`, `start_run` and `check_finite`: what a training stage needs to save, resume
+    and stop on a bad loss; `device()` picks the accelerator once for every script.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, TINY_MAX_PIXELS, TINY_MIN_PIXELS, Budget,
+                    ROOT, WORDS, atomic_path, error_text, observation_text, rope_positions)
+
+TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
+
+
+def pick_device() -> str:
+    """Where every script runs: the GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Processor:
+    """Tokenizer + image processor of a checkpoint (no video: this project needs none)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        size = image_processor.size
+        self.budget = Budget(min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]))
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.merge = int(image_processor.merge_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+
+    def save_pretrained(self, path: str | os.PathLike):
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    def pixels(self, shown: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values (patches, dim) and image_grid_thw (n, 3) of images already at budget size."""
+        out = self.image_processor(images=shown, do_resize=False, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype=None, seed: int = 0):
+    """(model, processor) for "tiny" (random init), "tiny-base", a local folder or a hub name."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    if name_or_path == "tiny":
+        model, processor = build_tiny(seed)
+        return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
+    if name_or_path == "tiny-base":
+        name_or_path = str(TINY_BASE)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    kwargs = {}
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            kwargs["attn_implementation"] = "flash_attention_2"
+        except ImportError:
+            kwargs["attn_implementation"] = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    return model.to(device).eval(), Processor.from_pretrained(name_or_path)
+
+
+# The tiny default: the real Qwen2.5-VL class from a small config, and a byte-level BPE tokenizer
+# trained here, offline, on the protocol's own text (so tags and coordinates are few tokens).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>"]
+TINY_VOCAB = 1024
+# Pieces the BPE pre-tokenizer keeps whole: tags, decimals (" 0.375"), words, single digits.
+_PRETOKENIZE = (r"</?[a-z_]+>| ?\d+\.\d+|'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}<]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}<]+[\r\n]*|<|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+def _tokenizer_corpus() -> list[str]:
+    rnd = random.Random(0)
+    grid = [f"{i / 8:.3f}" for i in range(9)] + [f"{i / 100:.2f}" for i in range(101)]
+    texts = [SYSTEM_PROMPT, PLAIN_SYSTEM_PROMPT] + [observation_text(t, t + 1) for t in range(40)]
+    texts += [error_text(r) for r in ("the grounding call is not valid JSON", "bbox_2d needs x0 < x1 and y0 < y1",
+                                      "unknown source", "observation_3 does not exist yet")]
+    for _ in range(3000):
+        c, s, g = rnd.choice(WORDS["colours"]), rnd.choice(WORDS["shapes"]), rnd.choice(WORDS["glyphs"])
+        box = ", ".join(rnd.choice(grid) for _ in range(4))
+        texts += [f"What is the character printed on the {c} {s}?",
+                  f"<think>The {c} objects: [{box}]. I will check them one by one.</think>\n"
+                  f"<grounding>{{\"bbox_2d\": [{box}], \"source\": \"original_image\"}}</grounding>",
+                  f"<think>This is a {c} {s} with the character {g}. It is the {c} {s}.</think>\n"
+                  f"<answer>{g}</answer>",
+                  f"The {c} {s} is at [{box}]. Its colour is {c} and its shape is {s}."]
+    return texts
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:])
+
+
+def tiny_config(tokenizer, **overrides):
+    from transformers import Qwen2_5_VLConfig
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+                tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
+                  fullatt_block_indexes=[1, 3], window_size=112)
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, **overrides)
+
+
+def build_tiny(seed: int = 0, patch_init_std: float = 0.1, **overrides):
+    """A randomly initialised tiny Qwen2.5-VL and its processor (seeded, offline)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    tokenizer = build_tiny_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **overrides))
+    with torch.no_grad():   # a larger patch-embedding init lets colour reach the LM early (NOTES)
+        model.model.visual.patch_embed.proj.weight.normal_(0.0, patch_init_std)
+    return model, Processor(tokenizer, image_processor)
+
+
+
+
+def save_checkpoint(model, processor, path: str | os.PathLike, extra: dict[str, object] | None = None):
+    """save_pretrained into a temporary folder, then rename it into place; `extra` maps file
+    names to objects saved with torch.save (optimizer state, schedule, RNG) or text."""
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            if isinstance(obj, str):
+                (tmp / name).write_text(obj)
+            else:
+                torch.save(obj, tmp / name)
+
+
+def start_run(out: Path, init: str, resume: bool, device: str):
+    """(model, processor, trainer state or None): from `out`'s last checkpoint when resuming and
+    there is one, else from `init`."""
+    state_file = Path(out) / "trainer_state.pt"
+    if resume and state_file.exists():
+        model, processor = load(str(out), device=device)
+        state = torch.load(state_file, weights_only=False)
+        print(f"resumed from {out} at step {state['step']}")
+        return model, processor, state
+    model, processor = load(init, device=device)
+    return model, processor, None
+
+
+def check_finite(loss: torch.Tensor, step: int, out: Path):
+    """Stop the run on a NaN or infinite loss, saying which checkpoint is the last good one."""
+    if torch.isfinite(loss):
+        return
+    state_file = Path(out) / "trainer_state.pt"
+    if state_file.exists():
+        last = torch.load(state_file, weights_only=False)["step"]
+        raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is {out} "
+                         f"(step {last}).")
+    raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping before any checkpoint was saved.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches for training: rendered conversations -> tensors; log-probabilities of their tokens.
+# ----------------------------------------------------------------------------------------------
+def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
+    """Right-padded batch with M-RoPE positions; padding and non-assistant tokens get no loss.
+    The length is rounded up to a multiple of `multiple`: on CPU, oneDNN compiles a kernel for
+    every new matrix shape (milliseconds each), so shapes that repeat are much faster.
+    Samples with only images and `aux` labels (the base model's vision steps) give a batch of
+    pixels and labels; samples that all carry `aux` add their per-token labels to the batch."""
+    if "ids" not in samples[0]:
+        pixel_values, grids = processor.pixels([im for s in samples for im in s["shown"]])
+        return {"pixel_values": pixel_values.to(device), "image_grid_thw": grids.to(device),
+                "aux": torch.cat([torch.as_tensor(s["aux"]) for s in samples]).to(device)}
+    pad = processor.tokenizer.pad_token_id
+    n = -(-max(len(s["ids"]) for s in samples) // multiple) * multiple
+    ids = torch.full((len(samples), n), pad, dtype=torch.long)
+    loss_mask = torch.zeros(len(samples), n, dtype=torch.bool)
+    attn = torch.zeros(len(samples), n, dtype=torch.long)
+    pos = torch.zeros(3, len(samples), n, dtype=torch.long)
+    pixel_values, grids = processor.pixels([im for s in samples for im in s["shown"]])
+    g = 0
+    for b, s in enumerate(samples):
+        k = len(s["ids"])
+        ids[b, :k] = torch.tensor(s["ids"])
+        loss_mask[b, :k] = torch.tensor(s["mask"])
+        attn[b, :k] = 1
+        sample_grids = [tuple(x) for x in grids[g:g + len(s["shown"])].tolist()]
+        g += len(s["shown"])
+        pos[:, b, :k] = rope_positions(s["ids"], sample_grids, 0, processor.image_token_id, processor.merge)[0]
+    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "pixel_values": pixel_values,
+             "image_grid_thw": grids, "loss_mask": loss_mask}
+    if all("aux" in s for s in samples):   # per-token targets, in the vision tower's output order
+        batch["aux"] = torch.cat([torch.as_tensor(s["aux"]) for s in samples])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def token_logprobs(model, batch: dict) -> torch.Tensor:
+    """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"])
+    logits = out.logits[:, :-1].float()
+    lp = torch.gather(F.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
+    return F.pad(lp, (1, 0))
