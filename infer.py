@@ -6,13 +6,12 @@
 Reads: a checkpoint and one image. Writes: the conversation to stdout; with --json the trajectory
 as JSON on the last line; --save-inputs / --draw the files named. (The benchmark: `python bench.py`.)
 
-Every row of the batch is one conversation (a `Slot`). Its tokens go into a preallocated
-`KVCache` once and stay there: the prompt, each generated token, each observation turn with its
-crop. Nothing is prefilled twice. `Engine.run` is the loop: admit samples into free slots, feed
-each slot what it has not fed yet, choose the next tokens, advance each conversation (stop strings,
-tool calls, limits), retire the finished ones. The decoder forward is written out over the
-transformers model's weights (RMSNorm, grouped-query attention, SwiGLU, M-RoPE); the vision tower
-is the model's own.
+Every row of the batch is one conversation (a `Slot`). Its tokens go into a preallocated KV
+cache once and stay there: the prompt, each generated token, each observation turn with its crop.
+Nothing is prefilled twice. `Engine.run` is the loop: admit samples into free slots, feed each
+slot what it has not fed yet, choose the next tokens, advance each conversation (stop strings,
+tool calls, limits), retire the finished ones. The computing (the decoder written out over the
+transformers model's weights, and the cache) is in decoder.py.
 """
 from __future__ import annotations
 
@@ -28,13 +27,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (IM_END, STOP_STRINGS, SYSTEM_PROMPT, Episode, encode_chunk, image_token_count, prompt_text,
-                    rope_positions, tool_turn_text)
+                    tool_turn_text)
+from decoder import Decoder
 from model import load, pick_device
-
-try:  # flash-attn is optional and used on CUDA only
-    from flash_attn import flash_attn_with_kvcache
-except ImportError:
-    flash_attn_with_kvcache = None
 
 # tokens only the processor may write: a sampled <|image_pad|> would claim an image that does not exist
 BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -92,51 +87,6 @@ class Settings:
     max_images: int = 32
     stop: tuple[str, ...] = STOP_STRINGS
     eos: bool = True                     # <|im_end|> ends a turn (off: the benchmark's fixed-length turns)
-
-
-# ----------------------------------------------------------------------------------------------
-# The KV cache: one preallocated tensor per layer for K and for V, a row per conversation
-# ----------------------------------------------------------------------------------------------
-class KVCache:
-    """K and V of `rows` conversations of up to `length` tokens, for every layer.
-
-    The layout is chosen once: "flash" is [rows, length, kv_heads, dim] (what
-    flash_attn_with_kvcache reads and writes itself); "sdpa" is [rows, kv_heads, length, dim], which
-    scaled_dot_product_attention reads without a copy. `read` always returns [n, kv_heads, L, dim]."""
-
-    def __init__(self, layers: int, rows: int, length: int, kv_heads: int, head_dim: int, dtype, device,
-                 layout: str = "sdpa"):
-        shape = (rows, length, kv_heads, head_dim) if layout == "flash" else (rows, kv_heads, length, head_dim)
-        self.layout, self.length = layout, length
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-
-    def write(self, layer: int, slots: torch.Tensor, where: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [n, T, kv_heads, dim] of rows `slots` [n] at positions `where` [n, T]."""
-        if self.layout == "flash":
-            self.k[layer][slots[:, None], where], self.v[layer][slots[:, None], where] = k, v
-        else:
-            self.k[layer][slots[:, None], :, where], self.v[layer][slots[:, None], :, where] = k, v
-
-    def read(self, layer: int, slots: torch.Tensor, L: int, contiguous: bool = False):
-        """K, V [n, kv_heads, L, dim]: the first L positions of rows `slots`. `contiguous` says the
-        slots are 0..n-1, which lets the sdpa layout hand out a view instead of a gathered copy."""
-        out = []
-        for cache in (self.k[layer], self.v[layer]):
-            n = len(slots)
-            if self.layout == "flash":
-                out.append((cache[:n, :L] if contiguous else cache[slots, :L]).transpose(1, 2))
-            else:
-                out.append(cache[:n, :, :L] if contiguous else cache[slots, :, :L])
-        return out
-
-    def move(self, src: int, dst: int, n: int):
-        """Copy the first n positions of row src into row dst (every layer)."""
-        for cache in self.k + self.v:
-            if self.layout == "flash":
-                cache[dst, :n] = cache[src, :n]
-            else:
-                cache[dst, :, :n] = cache[src, :, :n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,180 +173,22 @@ class Slot:
 # ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class _Step:
-    """Where one forward pass reads and writes: rows, cache lengths, and the attention mask."""
-    slot: torch.Tensor         # [n] cache rows
-    start: torch.Tensor        # [n] tokens already cached in each row
-    lens: torch.Tensor         # [n] tokens fed in this pass
-    write: torch.Tensor        # [n, T] cache positions of the new tokens
-    mask: torch.Tensor         # [n, 1, T, L] which cached keys each new query sees
-    L: int                     # cached length to read after writing
-    contiguous: bool           # slots are 0..n-1
-
-
 class Engine:
     def __init__(self, model, processor, max_batch: int = 16, max_len: int = 4096, device=None):
-        self.model, self.processor, self.tok = model, processor, processor.tokenizer
-        self.device = device or next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.lm = model.model.language_model
-        cfg = model.config.text_config
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
-        self.section = list(cfg.rope_parameters.get("mrope_section", [16, 24, 24]))
-        self.inv_freq = self.lm.rotary_emb.inv_freq.float().to(self.device)
+        self.processor, self.tok = processor, processor.tokenizer
         self.max_batch, self.max_len = max_batch, max_len
+        self.decoder = Decoder(model, processor, max_batch, max_len, device)
         self.im_end = self.tok.convert_tokens_to_ids(IM_END)
         vocab = self.tok.get_vocab()
         self.banned = torch.tensor([vocab[t] for t in BANNED_TOKENS if t in vocab], dtype=torch.long)
-        self.use_flash = flash_attn_with_kvcache is not None and self.device.type == "cuda"
-        self.cache = KVCache(len(self.lm.layers), max_batch, max_len, self.n_kv, self.head_dim, self.dtype,
-                             self.device, "flash" if self.use_flash else "sdpa")
-        self.fuse = self.device.type == "cpu"   # small CPU models: fewer, larger matrix products
-        self.refresh()
         # the text of every token, to spot stop strings without decoding whole turns each step
         self.pieces = [self.tok.decode([i]) for i in range(len(self.tok))]
         self.prefill_tokens = 0   # statistics for the benchmark
         self.decode_tokens = 0
 
-    def refresh(self):
-        """Read the model's current weights (call after a training step; run() does it). On CPU
-        the q/k/v and the gate/up projections are concatenated: one product instead of three/two."""
-        self.w = []
-        for layer in self.lm.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            if self.fuse:   # the RMSNorm weights are folded in too: W diag(w)
-                ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-                qkv = (torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]) * ln1,
-                       torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]))
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * ln2
-            else:
-                qkv, gate_up = None, None
-            self.w.append((qkv, gate_up))
-        positions = torch.arange(self.max_len + 1, device=self.device)
-        self.text_cos, self.text_sin = self._rope(positions[None, None].expand(3, 1, -1))   # [1, P, d]
-
-    # ------------------------------------------------------------------------------------------
-    # The decoder, written out
-    # ------------------------------------------------------------------------------------------
-    def _rms(self, x, weight=None):
-        """RMSNorm as Qwen2 computes it: in float32, then scaled by the weight in the model's dtype
-        (weight None: it was folded into the next product)."""
-        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return x if weight is None else x * weight
-
-    def _rope(self, pos):
-        """cos, sin [n, T, head_dim] from M-RoPE positions [3, n, T]: the rotary frequencies are
-        split in sections that take the temporal, height and width position in turn."""
-        freqs = pos[..., None].float() * self.inv_freq                  # [3, n, T, D/2]
-        parts = freqs.split(self.section, dim=-1)
-        freqs = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-
-    @staticmethod
-    def _rotate(x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-    def _attend(self, q, K, V, mask):
-        """Attention of q [n, heads, T, d] over K, V [n, kv_heads, L, d] where mask [n, 1, T, L].
-        A decode step (T = 1) is written as two products over the grouped heads, which on CPU is
-        faster than the fused kernel; longer chunks use scaled_dot_product_attention."""
-        n, H, T, d = q.shape
-        if T > 1:
-            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
-        g = H // self.n_kv
-        scores = torch.matmul(q.view(n, self.n_kv, g, d), K.transpose(-1, -2)) * d ** -0.5   # [n, kv, g, L]
-        scores = scores.masked_fill(~mask.view(n, 1, 1, -1), float("-inf"))
-        return torch.matmul(scores.softmax(-1), V).view(n, H, 1, d)
-
-    def _inputs(self, chunks, images, positions):
-        """Token ids [n, T], M-RoPE positions [3, n, T], the position after each chunk, and the
-        pixels of the chunks' images (None when there are none)."""
-        n, T = len(chunks), max(len(c) for c in chunks)
-        flat = [im for ims in images for im in ims]
-        if T == 1 and not flat:   # a decode step: one text token a row, positions just advance
-            pos = torch.tensor(positions)[None, :, None].expand(3, n, 1)
-            return torch.tensor(chunks), pos, [p + 1 for p in positions], None
-        ids = torch.full((n, T), self.tok.pad_token_id, dtype=torch.long)
-        pos = torch.zeros(3, n, T, dtype=torch.long)
-        pixels = self.processor.pixels(flat) if flat else None
-        grid_list = [tuple(g) for g in pixels[1].tolist()] if flat else []
-        nexts, g = [], 0
-        for r, chunk in enumerate(chunks):
-            ids[r, :len(chunk)] = torch.tensor(chunk)
-            p, nxt = rope_positions(chunk, grid_list[g:g + len(images[r])], positions[r],
-                                    self.processor.image_token_id, self.processor.merge)
-            g += len(images[r])
-            pos[:, r, :len(chunk)] = p
-            nexts.append(nxt)
-        return ids, pos, nexts, pixels
-
-    def _step(self, slots, chunks, starts) -> _Step:
-        dev, T = self.device, max(len(c) for c in chunks)
-        lens = torch.tensor([len(c) for c in chunks], device=dev)
-        start = torch.tensor(starts, device=dev)
-        write = (start[:, None] + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)   # [n, T]
-        L = int((start + lens).max())
-        # query i of row r sees keys 0 .. start_r + i (its own chunk causally, never padding)
-        limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
-        mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n, 1, T, L]
-        return _Step(torch.tensor(slots, device=dev), start, lens, write, mask, L, slots == list(range(len(slots))))
-
-    def _layer(self, i: int, x, cos, sin, st: _Step):
-        """One decoder layer over x [n, T, hidden]; the new keys and values go into the cache."""
-        layer = self.lm.layers[i]
-        at, mlp = layer.self_attn, layer.mlp
-        qkv, gate_up = self.w[i]
-        n, T = x.shape[:2]
-        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        h = self._rms(x, None if qkv is not None else layer.input_layernorm.weight)
-        q, k, v = F.linear(h, *qkv).split([nq, nk, nk], dim=-1) if qkv is not None else (
-            at.q_proj(h), at.k_proj(h), at.v_proj(h))
-        # rotate q and k together (M-RoPE), as [n, heads, T, head_dim]
-        qk = self._rotate(torch.cat([q, k], -1).view(n, T, -1, self.head_dim).transpose(1, 2), cos, sin)
-        q, k = qk[:, :self.n_heads], qk[:, self.n_heads:].transpose(1, 2)      # k: [n, T, kv, d]
-        v = v.view(n, T, self.n_kv, self.head_dim)
-        if self.use_flash and int(st.start.max()) + T <= self.max_len:   # flash writes the cache itself
-            o = flash_attn_with_kvcache(q.transpose(1, 2), self.cache.k[i], self.cache.v[i], k=k, v=v,
-                                        cache_seqlens=st.start.int(), cache_batch_idx=st.slot.int(), causal=True)
-        else:
-            self.cache.write(i, st.slot, st.write, k, v)
-            K, V = self.cache.read(i, st.slot, st.L, st.contiguous)
-            o = self._attend(q, K, V, st.mask).transpose(1, 2)
-        x = x + at.o_proj(o.reshape(n, T, -1))
-        h = self._rms(x, None if gate_up is not None else layer.post_attention_layernorm.weight)
-        gate, up = F.linear(h, gate_up).chunk(2, dim=-1) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
-        return x + mlp.down_proj(F.silu(gate) * up)
-
-    @torch.no_grad()
-    def forward(self, slots: list[int], chunks: list[list[int]], images: list[list[Image.Image]],
-                starts: list[int], positions: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Append one chunk to each listed cache row and return the logits after each chunk's last
-        token ([n, vocab]) and the M-RoPE position that follows each chunk.
-        `starts` are the rows' cache lengths, `positions` their next M-RoPE positions."""
-        ids, pos, nexts, pixels = self._inputs(chunks, images, positions)
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        x = self.lm.embed_tokens(ids)
-        if pixels is not None:
-            pixel_values, grids = pixels
-            feats = self.model.model.visual(pixel_values.to(self.device, self.dtype),
-                                            grid_thw=grids.to(self.device)).pooler_output
-            x = x.masked_scatter((ids == self.processor.image_token_id)[..., None], feats.to(x.dtype))
-        if ids.shape[1] == 1 and pixels is None:   # text positions: a table lookup
-            cos, sin = self.text_cos[0, pos[0, :, 0]][:, None], self.text_sin[0, pos[0, :, 0]][:, None]
-        else:
-            cos, sin = self._rope(pos)
-        cos, sin = cos[:, None], sin[:, None]                              # [n, 1, T, D]
-        st = self._step(slots, chunks, starts)
-        for i in range(len(self.lm.layers)):
-            x = self._layer(i, x, cos, sin, st)
-        last = x[torch.arange(len(slots), device=self.device), st.lens - 1]
-        logits = self.model.lm_head(self._rms(last, self.lm.norm.weight))
-        return logits.float(), nexts
+    def forward(self, slots, chunks, images, starts, positions) -> tuple[torch.Tensor, list[int]]:
+        """One chunk onto each listed cache row: see `Decoder.forward`."""
+        return self.decoder.forward(slots, chunks, images, starts, positions)
 
     # ------------------------------------------------------------------------------------------
     # Episodes
@@ -407,7 +199,7 @@ class Engine:
         `settings` (or keyword changes to the defaults, e.g. greedy=True) say how to generate.
         `on_text(sample_index, text)` is called with each piece of the conversation as it grows."""
         s = replace(settings or Settings(), **changes)
-        self.refresh()
+        self.decoder.refresh()   # the model's current weights (RL trains between runs)
         choose = TokenChooser(self.banned, s)
         waiting = deque(enumerate(samples))
         slots: list[Slot] = []           # slots[i] lives in cache row i
@@ -449,7 +241,7 @@ class Engine:
             return
         last = slots.pop()
         if i < len(slots):
-            self.cache.move(len(slots), i, last.length)
+            self.decoder.cache.move(len(slots), i, last.length)
             slots[i] = last
 
     def _feed(self, slots: list[Slot], s: Settings) -> dict[int, torch.Tensor]:
