@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Budget, atomic_path, load_image, read_jsonl, render,
-                    write_jsonl)
+from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Budget, atomic_path, load_image, read_jsonl,
+                    render, write_jsonl)
 from infer import Engine, Sample, Settings
-from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background, cell_box,
-                        draw_object, fmt_box, probe_sample, scene)
+from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
+                        cell_box, draw_object, fmt_box, probe_sample, scene)
 from model import collate, pick_device, seed_everything, start_run
 from sft import add_training_args, spread, sft_loss, train
 
@@ -174,9 +174,9 @@ BASE_CURRICULUM = [  # (first step, task weights). "sheet" and "scene" train the
 SEARCH_PROMPT_SHARE = 0.5
 
 
-def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None) -> tuple[str, list[dict]]:
+def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None):
     """A micro-batch of one base task at one difficulty level (so image sizes, and with them the
-    matrix shapes, repeat from batch to batch)."""
+    matrix shapes, repeat from batch to batch). Returns (task, samples)."""
     weights = weights or [w for start, w in BASE_CURRICULUM if step >= start][-1]
     rng = np.random.default_rng([seed, step])
     task = str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
@@ -206,7 +206,7 @@ def aux_loss(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -
     Dense targets reach the small vision tower directly, instead of only through the few answer
     tokens; the head is thrown away afterwards and the model stays the stock architecture."""
     logits = head(feats.float()).split(AUX_SIZES, dim=-1)
-    judged = [j for j in range(len(logits)) if (labels[:, j] != -100).any()]   # (sheets have no grid position)
+    judged = [j for j in range(len(logits)) if (labels[:, j] != -100).any()]   # (sheets: no grid position)
     return sum(F.cross_entropy(logits[j], labels[:, j], ignore_index=-100) for j in judged) / len(logits)
 
 
@@ -215,7 +215,8 @@ def base_loss(model, head, weight: float):
     plus `weight` x the auxiliary loss on the vision tower's output, captured by a forward hook."""
     captured = {}
     if head is not None:
-        model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("feats", o.pooler_output))
+        keep = lambda module, inputs, output: captured.__setitem__("feats", output.pooler_output)
+        model.model.visual.register_forward_hook(keep)
 
     def loss_fn(model, batch, n_tokens, n_micro):
         if "input_ids" in batch:
@@ -252,9 +253,9 @@ def score_base(row: dict, pred: str) -> float:
 
 @torch.no_grad()
 def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens: int = 160) -> dict:
-    samples = [Sample(image=load_image(r, root), question=r["problem"], system=PLAIN_SYSTEM_PROMPT) for r in rows]
-    results = Engine(model, processor).run(samples, Settings(max_turns=1, greedy=True, max_turn_tokens=max_new_tokens),
-                                           progress=False)
+    samples = [Sample(load_image(r, root), r["problem"], system=PLAIN_SYSTEM_PROMPT) for r in rows]
+    settings = Settings(max_turns=1, greedy=True, max_turn_tokens=max_new_tokens)
+    results = Engine(model, processor).run(samples, settings, progress=False)
     per: dict[str, list[float]] = {}
     for r, res in zip(rows, results):
         per.setdefault(r["task"], []).append(score_base(r, res.turn_texts[0].replace(IM_END, "")))
@@ -270,13 +271,15 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
         rows = []
         for i in range(n):
             task = BASE_TASKS[i % len(BASE_TASKS)]
-            img, question, answer, meta = base_sample(np.random.default_rng([seed, SPLIT_IDS[split], i]), task)
+            rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
+            img, question, answer, meta = base_sample(rng, task)
             meta.pop("tokens")
             name = f"images/{split}_{i:06d}.png"
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")
-            rows.append({"images": [name], "problem": ask(question), "solution": answer, "data_source": "synthetic_base",
-                         "system": "plain", "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
+            rows.append({"images": [name], "problem": ask(question), "solution": answer,
+                         "data_source": "synthetic_base", "system": "plain",
+                         "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
         write_jsonl(out / f"{split}.jsonl", rows)
         print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
 
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--n-train", type=int, default=0, help="with --write-data: training records")
     ap.add_argument("--n-test", type=int, default=500, help="with --write-data: held-out records")
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary per-token loss (0: off)")
-    ap.add_argument("--tasks", default=None, help="task weights, e.g. read:1,locate:2 (default: the curriculum)")
+    ap.add_argument("--tasks", default=None, help="task weights, e.g. read:1,locate:2 (default: curriculum)")
     add_training_args(ap, init="tiny", out="runs/base/ck", steps=15000)
     args = ap.parse_args(argv)
     if args.write_data:
@@ -306,7 +309,8 @@ def main(argv: list[str] | None = None):
         *base_batch(k, args.batch, args.seed, processor, weights))
     evaluate = None
     if args.eval_data:
-        held_out = [r for r in spread(read_jsonl(args.eval_data), args.eval_n) if not weights or r["task"] in weights]
+        held_out = spread(read_jsonl(args.eval_data), args.eval_n)
+        held_out = [r for r in held_out if not weights or r["task"] in weights]
         evaluate = lambda m: evaluate_base(m, processor, held_out, Path(args.eval_data).parent)
     train(args, model, processor, state, make, base_loss(model, head, args.aux), evaluate,
           {"aux_head": head} if head is not None else {})

@@ -17,7 +17,7 @@ import torch
 
 import make_probe
 from common import IM_END, encode_chunk, image_token_count, prompt_text
-from infer import Engine, Sample
+from infer import Engine, Sample, Settings
 from model import build_tiny
 
 QUESTION = "<image>\nWhat is the character printed on the red triangle?"
@@ -58,8 +58,8 @@ def engine_generate(model, processor, images, new_tokens):
     eng = Engine(model, processor, max_batch=len(images))
     _sync(model.device)
     t = time.time()
-    res = eng.run([Sample(im, QUESTION) for im in images], max_turns=1, greedy=True, max_turn_tokens=new_tokens,
-                  stop=(), eos=False, progress=False)
+    settings = Settings(max_turns=1, greedy=True, max_turn_tokens=new_tokens, stop=(), eos=False)
+    res = eng.run([Sample(im, QUESTION) for im in images], settings, progress=False)
     _sync(model.device)
     return time.time() - t, [r.token_ids[-new_tokens:] for r in res]
 
@@ -80,9 +80,11 @@ def multiturn(model, processor, images, turns=6):
         zs = []
         for _ in range(turns - 1):
             x, y = rng.uniform(0, 0.8, 2)
-            zs.append(encode_chunk(tok, f"<think>Check the next one.</think>\n<grounding>{{\"bbox_2d\": [{x:.3f}, {y:.3f}, "
-                                        f"{x + 0.125:.3f}, {y + 0.125:.3f}], \"source\": \"original_image\"}}</grounding>"))
-        zs.append(encode_chunk(tok, "<think>Found it.</think>\n<answer>7</answer>") + [tok.convert_tokens_to_ids(IM_END)])
+            box = f"[{x:.3f}, {y:.3f}, {x + 0.125:.3f}, {y + 0.125:.3f}]"
+            zs.append(encode_chunk(tok, "<think>Check the next one.</think>\n<grounding>{\"bbox_2d\": " + box
+                                   + ', "source": "original_image"}</grounding>'))
+        answer = encode_chunk(tok, "<think>Found it.</think>\n<answer>7</answer>")
+        zs.append(answer + [tok.convert_tokens_to_ids(IM_END)])
         scripts.append(zs)
     samples = [Sample(im, QUESTION, forced=s) for im, s in zip(images, scripts)]
     eng = Engine(model, processor, max_batch=len(images))
@@ -96,7 +98,7 @@ def multiturn(model, processor, images, turns=6):
     # encoded again), then decodes that turn's tokens with a cache of its own
     eng2 = Engine(model, processor, max_batch=len(images))
     n, slots = len(res), list(range(len(res)))
-    starts = [[i for i in range(1, len(r.sampled_mask)) if r.sampled_mask[i] and not r.sampled_mask[i - 1]] for r in res]
+    starts = [[i for i in range(1, len(m)) if m[i] and not m[i - 1]] for m in (r.sampled_mask for r in res)]
     t = time.time()
     resend_prefill = 0
     for k in range(turns):
@@ -129,7 +131,8 @@ def bandwidth_fraction(model, processor, batch=64, new_tokens=64):
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
     cfg = model.config.text_config
     ctx = 300 + new_tokens / 2
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2 * ctx * batch
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * ctx * batch   # K and V, bf16
     step = secs / new_tokens
     return {"gpu_tokens_per_s_b64": batch * new_tokens / secs, "bandwidth_GBps": bw / 1e9,
             "bandwidth_bound_fraction": (weights + kv) / step / bw}
@@ -165,12 +168,14 @@ def bench(new_tokens: int = 64, tiny: bool = True):
         out["prefill_tokens_ratio_vs_resend"] = mt["prefill_tokens_resend"] / mt["prefill_tokens_kept"]
     if torch.cuda.is_available():
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        cfg = Qwen2_5_VLConfig(text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=3584, intermediate_size=18944,
-                                                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-                               vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, num_heads=16, intermediate_size=3420),
-                               image_token_id=model.config.image_token_id, video_token_id=model.config.video_token_id,
-                               vision_start_token_id=model.config.vision_start_token_id)
+        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+        text = dict(vocab_size=len(processor.tokenizer), hidden_size=3584, intermediate_size=18944,
+                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_parameters=rope)
+        vision = dict(depth=32, hidden_size=1280, out_hidden_size=3584, num_heads=16, intermediate_size=3420)
+        ids = model.config
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids.image_token_id,
+                               video_token_id=ids.video_token_id,
+                               vision_start_token_id=ids.vision_start_token_id)
         with torch.device("cuda"):
             big = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()
         out.update(bandwidth_fraction(big, processor))

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import IM_END, IM_START, IMAGE, ROOT, TINY_BUDGET, Episode, grade, load_image, read_jsonl, write_jsonl
+from common import (IM_END, IM_START, IMAGE, ROOT, TINY_BUDGET, Episode, grade, load_image, read_jsonl,
+                    write_jsonl)
 from infer import Engine, Sample, Settings
 from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
 from model import load, pick_device
@@ -40,7 +41,7 @@ def colour_mask(arr: np.ndarray, colour: str, tol: int = 90) -> np.ndarray:
     return np.abs(arr.astype(int) - np.array(COLOURS[colour])).sum(-1) < tol
 
 
-def blobs_by_cell(arr: np.ndarray, colour: str, min_pixels: int = 8, grid: int = GRID) -> dict[int, np.ndarray]:
+def blobs_by_cell(arr: np.ndarray, colour: str, min_pixels: int = 8, grid: int = GRID) -> dict:
     """Cells of a grid x grid split of the image (row-major index) that hold a blob of `colour`."""
     mask = colour_mask(arr, colour)
     h, w = mask.shape
@@ -60,10 +61,12 @@ def shape_of(mask: np.ndarray) -> str | None:
     if len(ys) < 8 or ys.max() - ys.min() < 6:
         return None
     y0, y1 = ys.min(), ys.max()
-    width = lambda f: np.ptp(xs[ys == round(y0 + f * (y1 - y0))]) + 1 if (ys == round(y0 + f * (y1 - y0))).any() else 0
+    row = lambda f: ys == round(y0 + f * (y1 - y0))
+    width = lambda f: np.ptp(xs[row(f)]) + 1 if row(f).any() else 0
     full = max(np.ptp(xs) + 1, 1)
     w = np.array([width(0.2), width(0.5), width(0.8)]) / full
-    profiles = {"square": (1, 1, 1), "circle": (0.8, 1, 0.8), "triangle": (0.3, 0.55, 0.85), "diamond": (0.45, 0.95, 0.45)}
+    profiles = {"square": (1, 1, 1), "circle": (0.8, 1, 0.8), "triangle": (0.3, 0.55, 0.85),
+                "diamond": (0.45, 0.95, 0.45)}
     return min(profiles, key=lambda s: np.abs(w - np.array(profiles[s])).sum())
 
 
@@ -123,6 +126,19 @@ def parse_question(problem: str) -> tuple[str, str] | None:
     return (colour, shape) if colour and shape else None
 
 
+def said(thought: str, action: str) -> str:
+    """One assistant turn: a thought, then an action (a zoom or an answer)."""
+    return f"<think>{thought}</think>\n{action}"
+
+
+def found(colour: str, shape: str, glyph: str) -> str:
+    return said(f"It is a {colour} {shape} with the character {glyph}. This is the {colour} {shape}.",
+                f"<answer>{glyph}</answer>")
+
+
+NO_ANSWER = "<answer>none</answer>"
+
+
 def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_turns: int = 16,
             depth_first: float = 0.0) -> dict | None:
     """Search like a model would: returns {"turns": [...], "answer", "pattern"} or None when the
@@ -134,7 +150,6 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
     ep = Episode(image, budget)
     overview = np.asarray(ep.shown[0])
     cells = sorted(blobs_by_cell(overview, colour))
-    turns: list[str] = []
 
     def look(box: list[float]) -> np.ndarray:
         _, shown = ep.apply(ep.parse(zoom_text(box)))
@@ -145,44 +160,47 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
         return (None, None) if obj is None else (shape_of(obj), read_glyph(arr, obj, colour))
 
     if not cells:
-        turns.append(f"<think>I see no {colour} object at this size. I look at the whole image more closely.</think>\n"
-                     + zoom_text([0.0, 0.0, 0.5, 0.5]))
-        return {"turns": turns + [f"<think>I cannot find the {colour} {shape}.</think>\n<answer>none</answer>"],
-                "answer": "none", "pattern": "failed"}
+        turns = [said(f"I see no {colour} object at this size. I look at the whole image more closely.",
+                      zoom_text([0.0, 0.0, 0.5, 0.5])),
+                 said(f"I cannot find the {colour} {shape}.", NO_ANSWER)]
+        return {"turns": turns, "answer": "none", "pattern": "failed"}
     # in a large overview blob the shape can be told apart: then one zoom is enough
     blob_h = lambda m: np.ptp(np.nonzero(m)[0]) + 1
     seen = {c: shape_of(m) if blob_h(m) >= 12 else None for c, m in blobs_by_cell(overview, colour).items()}
     direct = [c for c in cells if seen[c] == shape]
     if len(direct) == 1 and all(seen[c] not in (None, shape) for c in cells if c != direct[0]):
         box = cell_box(direct[0])
-        turns.append(f"<think>I am looking for the {colour} {shape}. The {colour} {shape} is at {fmt_box(box)}.</think>\n"
-                     + zoom_text(box))
         got_shape, glyph = check(look(box))
         if got_shape == shape and glyph:
-            turns.append(f"<think>It is a {colour} {shape} with the character {glyph}. This is the {colour} {shape}.</think>\n"
-                         f"<answer>{glyph}</answer>")
+            thought = f"I am looking for the {colour} {shape}. The {colour} {shape} is at {fmt_box(box)}."
+            turns = [said(thought, zoom_text(box)), found(colour, shape, glyph)]
             return {"turns": turns, "answer": glyph, "pattern": "direct"}
-        turns.pop()   # fall back to checking every candidate
-        ep = Episode(image, budget)
+        ep = Episode(image, budget)   # fall back to checking every candidate
     listing = ", ".join(fmt_box(cell_box(c)) for c in cells)
-    intro = f"<think>I am looking for the {colour} {shape}. The {colour} objects: {listing}."
+    intro = f"I am looking for the {colour} {shape}. The {colour} objects: {listing}."
     if depth_first and len(cells) >= 4 and rng.random() < depth_first:
-        return _depth_first(ep, cells, colour, shape, intro, max_turns, check, look)
+        return _depth_first(cells, colour, shape, intro, max_turns, check, look)
+    return _one_by_one(cells, colour, shape, intro, max_turns, check, look)
+
+
+def _one_by_one(cells, colour, shape, intro, max_turns, check, look) -> dict:
+    """Zoom into each candidate cell in reading order until one shows the asked-for shape."""
     more = " They look alike from here, so I check them one by one." if len(cells) > 1 else ""
-    turns.append(intro + more + "</think>\n" + zoom_text(cell_box(cells[0])))
+    turns = [said(intro + more, zoom_text(cell_box(cells[0])))]
     for i, cell in enumerate(cells):
         if len(turns) > max_turns:
-            return {"turns": turns[:max_turns], "answer": None, "pattern": "trial_and_error", "exceeded": True}
+            return {"turns": turns[:max_turns], "answer": None, "pattern": "trial_and_error",
+                    "exceeded": True}
         got_shape, glyph = check(look(cell_box(cell)))
+        if got_shape == shape and glyph:
+            turns.append(found(colour, shape, glyph))
+            return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         seen_text = (f"It is a {colour} {got_shape} with the character {glyph}" if got_shape and glyph
                      else "I cannot make it out here")
-        if got_shape == shape and glyph:
-            turns.append(f"<think>{seen_text}. This is the {colour} {shape}.</think>\n<answer>{glyph}</answer>")
-            return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
-            turns.append(f"<think>{seen_text}, not the {colour} {shape}. I check the next one.</think>\n"
-                         + zoom_text(cell_box(cells[i + 1])))
-    turns.append(f"<think>None of the {colour} objects is the {colour} {shape}.</think>\n<answer>none</answer>")
+            turns.append(said(f"{seen_text}, not the {colour} {shape}. I check the next one.",
+                              zoom_text(cell_box(cells[i + 1]))))
+    turns.append(said(f"None of the {colour} objects is the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
 
@@ -190,7 +208,7 @@ QUARTERS = {"top-left": [0.0, 0.0, 0.5, 0.5], "top-right": [0.5, 0.0, 1.0, 0.5],
             "bottom-left": [0.0, 0.5, 0.5, 1.0], "bottom-right": [0.5, 0.5, 1.0, 1.0]}
 
 
-def _depth_first(ep, cells, colour, shape, intro, max_turns, check, look) -> dict:
+def _depth_first(cells, colour, shape, intro, max_turns, check, look) -> dict:
     """Zoom into the quarters that hold candidates (most first); in a quarter the shapes can be
     told apart, so zoom again only onto the one that matches, then read it."""
     def quarter(cell):
@@ -198,31 +216,30 @@ def _depth_first(ep, cells, colour, shape, intro, max_turns, check, look) -> dic
         return ("top" if r < GRID // 2 else "bottom") + "-" + ("left" if c < GRID // 2 else "right")
     counts = Counter(quarter(c) for c in cells)
     order = [q for q, _ in counts.most_common()]
-    turns = [intro + f" Most of them are in the {order[0]} quarter, so I look there first.</think>\n"
-             + zoom_text(QUARTERS[order[0]])]
+    turns = [said(intro + f" Most of them are in the {order[0]} quarter, so I look there first.",
+                  zoom_text(QUARTERS[order[0]]))]
     for k, q in enumerate(order):
         x0, y0, _, _ = QUARTERS[q]
         arr = look(QUARTERS[q])
-        found = None
+        hit = None
         half = GRID // 2   # a quarter holds half x half cells of the original grid
         for cell, mask in sorted(blobs_by_cell(arr, colour, 20, grid=half).items()):
             if shape_of(mask) == shape:
                 r, c = divmod(cell, half)
-                found = int((y0 * GRID + r) * GRID + x0 * GRID + c)
+                hit = int((y0 * GRID + r) * GRID + x0 * GRID + c)
                 break
-        if found is not None and found in cells:
-            box = cell_box(found)
-            turns.append(f"<think>Here the {colour} {shape} is at {fmt_box(box)}.</think>\n" + zoom_text(box))
+        if hit is not None and hit in cells:
+            box = cell_box(hit)
+            turns.append(said(f"Here the {colour} {shape} is at {fmt_box(box)}.", zoom_text(box)))
             got_shape, glyph = check(look(box))
             if got_shape == shape and glyph:
-                turns.append(f"<think>It is a {colour} {shape} with the character {glyph}. This is the {colour} {shape}."
-                             f"</think>\n<answer>{glyph}</answer>")
+                turns.append(found(colour, shape, glyph))
                 return {"turns": turns, "answer": glyph, "pattern": "depth_first"}
             break
         if k + 1 < len(order) and len(turns) < max_turns:
-            turns.append(f"<think>There is no {colour} {shape} in this quarter. I look at the {order[k + 1]} quarter."
-                         f"</think>\n" + zoom_text(QUARTERS[order[k + 1]]))
-    turns.append(f"<think>I could not find the {colour} {shape}.</think>\n<answer>none</answer>")
+            thought = f"There is no {colour} {shape} in this quarter. I look at the {order[k + 1]} quarter."
+            turns.append(said(thought, zoom_text(QUARTERS[order[k + 1]])))
+    turns.append(said(f"I could not find the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
 
@@ -270,11 +287,14 @@ def model_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
     few_shot = bool(args.teacher)
     model, processor = load(args.teacher or args.model, device=pick_device())
     prefix = few_shot_prefix() if few_shot else None
-    batch = [Sample(load_image(r, root), r["problem"], context=prefix) for r in rows for _ in range(args.samples)]
-    settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=args.seed, max_turn_tokens=256)
+    batch = [Sample(load_image(r, root), r["problem"], context=prefix)
+             for r in rows for _ in range(args.samples)]
+    settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=args.seed,
+                        max_turn_tokens=256)
     trajs = Engine(model, processor, max_batch=16).run(batch, settings)
-    return [{"turns": [x.replace(IM_END, "") for x in t.turn_texts], "answer": t.answer, "pattern": pattern_of(t.crops),
-             "exceeded": t.exceeded, "source": "teacher" if few_shot else "self", "_row": rows[k // args.samples]}
+    return [{"turns": [x.replace(IM_END, "") for x in t.turn_texts], "answer": t.answer,
+             "pattern": pattern_of(t.crops), "exceeded": t.exceeded,
+             "source": "teacher" if few_shot else "self", "_row": rows[k // args.samples]}
             for k, t in enumerate(trajs)]
 
 
@@ -284,7 +304,8 @@ def explorer_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
     found = []
     for row in tqdm(rows, desc="explore", dynamic_ncols=True):
         public = {k: row[k] for k in ("images", "problem")}   # what a model would see
-        res = explore(load_image(public, root), public["problem"], TINY_BUDGET, rng, args.max_turns, args.depth_first)
+        res = explore(load_image(public, root), public["problem"], TINY_BUDGET, rng, args.max_turns,
+                      args.depth_first)
         if res is not None:
             found.append({**res, "source": "explorer", "_row": row})
     return found
@@ -320,7 +341,10 @@ def filter_trajectories(found: list[dict], max_share: float, seed: int) -> list[
     for f in good:
         p = f["pattern"]
         # the cap: a pattern may hold at most max_share of the final set
-        limit = counts[p] if len(counts) == 1 else int(max_share / (1 - max_share) * others[p]) if max_share < 1 else counts[p]
+        if len(counts) == 1 or max_share >= 1:
+            limit = counts[p]
+        else:
+            limit = int(max_share / (1 - max_share) * others[p])
         if taken[p] < max(limit, 1):
             taken[p] += 1
             out.append(f)
@@ -361,8 +385,8 @@ def main(argv: list[str] | None = None):
     rows = read_jsonl(args.data)[: args.limit or None]
     root = Path(args.data).parent
     t0 = time.time()
-    found = model_rollouts(rows, root, args) if args.model or args.teacher else explorer_rollouts(rows, root, args)
-    found = label(found, root)
+    rollouts = model_rollouts if args.model or args.teacher else explorer_rollouts
+    found = label(rollouts(rows, root, args), root)
     kept = filter_trajectories(found, args.max_share, args.seed)
     if args.append:
         kept = read_jsonl(args.append) + kept

@@ -334,7 +334,8 @@ def rope_positions(ids: list[int], grids: list[tuple[int, int, int]], start: int
     return pos, p
 
 
-def render(image: Image.Image, problem: str, turns: list[str], processor, system: str = SYSTEM_PROMPT) -> dict:
+def render(image: Image.Image, problem: str, turns: list[str], processor,
+           system: str = SYSTEM_PROMPT) -> dict:
     """Tokens of a whole conversation: `turns` are the assistant texts, in order.
 
     After every turn but the last, the turn's action is carried out exactly as the engine does it
@@ -419,7 +420,8 @@ def load_image(row: dict, root: str | os.PathLike) -> Image.Image:
     try:
         path = Path(root) / row["images"][0]
     except (KeyError, IndexError, TypeError):
-        raise ValueError(f"record {row.get('doc_id', '?')}: field 'images' must be a non-empty list") from None
+        where = f"record {row.get('doc_id', '?')}"
+        raise ValueError(f"{where}: field 'images' must be a non-empty list") from None
     if not path.exists():
         raise FileNotFoundError(f"record {row.get('doc_id', '?')}: image {path} not found")
     with Image.open(path) as im:

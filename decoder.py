@@ -35,7 +35,10 @@ class KVCache:
 
     def __init__(self, layers: int, rows: int, length: int, kv_heads: int, head_dim: int, dtype, device,
                  layout: str = "sdpa"):
-        shape = (rows, length, kv_heads, head_dim) if layout == "flash" else (rows, kv_heads, length, head_dim)
+        if layout == "flash":
+            shape = (rows, length, kv_heads, head_dim)
+        else:
+            shape = (rows, kv_heads, length, head_dim)
         self.layout, self.length = layout, length
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -182,7 +185,8 @@ class Decoder:
         # query i of row r sees keys 0 .. start_r + i (its own chunk causally, never padding)
         limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
         mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n, 1, T, L]
-        return _Step(torch.tensor(slots, device=dev), start, lens, write, mask, L, slots == list(range(len(slots))))
+        contiguous = slots == list(range(len(slots)))
+        return _Step(torch.tensor(slots, device=dev), start, lens, write, mask, L, contiguous)
 
     def _layer(self, i: int, x, cos, sin, st: _Step):
         """One decoder layer over x [n, T, hidden]; the new keys and values go into the cache."""
@@ -200,14 +204,18 @@ class Decoder:
         v = v.view(n, T, self.n_kv, self.head_dim)
         if self.use_flash and int(st.start.max()) + T <= self.max_len:   # flash writes the cache itself
             o = flash_attn_with_kvcache(q.transpose(1, 2), self.cache.k[i], self.cache.v[i], k=k, v=v,
-                                        cache_seqlens=st.start.int(), cache_batch_idx=st.slot.int(), causal=True)
+                                        cache_seqlens=st.start.int(), cache_batch_idx=st.slot.int(),
+                                        causal=True)
         else:
             self.cache.write(i, st.slot, st.write, k, v)
             K, V = self.cache.read(i, st.slot, st.L, st.contiguous)
             o = self._attend(q, K, V, st.mask).transpose(1, 2)
         x = x + at.o_proj(o.reshape(n, T, -1))
         h = self._rms(x, None if gate_up is not None else layer.post_attention_layernorm.weight)
-        gate, up = F.linear(h, gate_up).chunk(2, dim=-1) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+        if gate_up is not None:
+            gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         return x + mlp.down_proj(F.silu(gate) * up)
 
     @torch.no_grad()

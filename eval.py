@@ -27,8 +27,9 @@ from common import PLAIN_SYSTEM_PROMPT, atomic_path, grade, load_image, read_jso
 from infer import Engine, Sample, Settings, draw_search
 from model import load, pick_device
 
-JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\nReference answer: {reference}\n"
-                "Candidate answer: {answer}\nDoes the candidate answer mean the same as the reference answer? "
+JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\n"
+                "Reference answer: {reference}\nCandidate answer: {answer}\n"
+                "Does the candidate answer mean the same as the reference answer? "
                 "Reply with exactly \"Score: 1\" if it does and \"Score: 0\" if it does not.")
 
 
@@ -36,11 +37,13 @@ def judge(engine: Engine, rows: list[dict], answers: list[str | None]) -> list[f
     """Mini-o3's LLM-judge reward: exact/normalised match first; otherwise the judge model (run
     through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1"."""
     scores = [grade(a, r) for a, r in zip(answers, rows)]
-    ask = [i for i, (a, s) in enumerate(zip(answers, scores)) if a is not None and s == 0 and not rows[i].get("options")]
+    ask = [i for i, (a, s) in enumerate(zip(answers, scores))
+           if a is not None and s == 0 and not rows[i].get("options")]
     samples = [Sample(None, JUDGE_PROMPT.format(question=rows[i]["problem"].replace("<image>", "").strip(),
                                                 reference=rows[i]["solution"], answer=answers[i]),
                       system=PLAIN_SYSTEM_PROMPT) for i in ask]
-    for i, t in zip(ask, engine.run(samples, Settings(max_turns=1, greedy=True, max_turn_tokens=32), progress=False)):
+    verdicts = engine.run(samples, Settings(max_turns=1, greedy=True, max_turn_tokens=32), progress=False)
+    for i, t in zip(ask, verdicts):
         scores[i] = 1.0 if re.search(r"Score:\s*1", t.turn_texts[-1] if t.turn_texts else "") else 0.0
     return scores
 
@@ -61,8 +64,8 @@ def summarise(trajs: list[dict], caps: list[int]) -> dict:
         "overall": acc(trajs),
         "by_difficulty": {d: acc([t for t in trajs if t["difficulty"] == d]) for d in by("difficulty")},
         "by_turn_cap": {str(c): acc(trajs, c) for c in caps},
-        "by_turn_cap_difficulty": {d: {str(c): acc([t for t in trajs if t["difficulty"] == d], c) for c in caps}
-                                   for d in by("difficulty")},
+        "by_turn_cap_difficulty": {d: {str(c): acc([t for t in trajs if t["difficulty"] == d], c)
+                                       for c in caps} for d in by("difficulty")},
         "avg_at_k": float(np.mean(per_sample)), "k": len(per_sample),
         "mean_turns": float(np.mean([t["turns"] for t in trajs])),
         "mean_turns_correct": float(np.mean([t["turns"] for t in right])) if right else 0.0,
@@ -108,7 +111,8 @@ def compare(dirs: list[str], out: Path):
     """One table (accuracy per difficulty at each turn cap) and one plot for several evaluations."""
     runs = {Path(d).name: json.loads((Path(d) / "results.json").read_text()) for d in dirs}
     caps = sorted({int(c) for r in runs.values() for c in r["by_turn_cap"]})
-    print(f"{'run':14}{'difficulty':12}" + "".join(f"{'cap ' + str(c):>9}" for c in caps) + f"{'turns':>8}{'zoom':>7}")
+    header = "".join(f"{'cap ' + str(c):>9}" for c in caps)
+    print(f"{'run':14}{'difficulty':12}" + header + f"{'turns':>8}{'zoom':>7}")
     for name, r in runs.items():
         for d, s in {**r["by_turn_cap_difficulty"], "all": r["by_turn_cap"]}.items():
             extra = f"{r['mean_turns']:8.2f}{r['zoom_rate']:7.2f}" if d == "all" else ""
@@ -125,7 +129,7 @@ def parse_args(argv=None):
                     "and draw them in one plot (--out is then the PNG)")
     io.add_argument("--model", default="runs/tiny/rl", help="the checkpoint to evaluate")
     io.add_argument("--data", default="runs/tiny/probe/test.jsonl", help="questions (probe records)")
-    io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories.jsonl, PNGs")
+    io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories, PNGs")
     io.add_argument("--examples", type=int, default=6, help="trajectory pictures to draw")
     io.add_argument("--limit", type=int, default=0, help="use only the first N questions")
     gen = ap.add_argument_group("rollouts")
@@ -150,8 +154,8 @@ def rollout(args, rows: list[dict], images: list[Image.Image], caps: list[int]) 
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
     settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
                         max_turn_tokens=args.max_turn_tokens)
-    results = engine.run([Sample(im, r["problem"]) for im, r in zip(images, rows) for _ in range(args.samples)],
-                         settings)
+    samples = [Sample(im, r["problem"]) for im, r in zip(images, rows) for _ in range(args.samples)]
+    results = engine.run(samples, settings)
     flat_rows = [r for r in rows for _ in range(args.samples)]
     if args.judge:
         correct = judge(Engine(*load(args.judge, device=pick_device()), max_batch=args.max_batch), flat_rows,
@@ -170,9 +174,10 @@ def print_summary(res: dict, caps: list[int], out: Path):
     print(f"\n{'':12}" + "".join(f"{'cap ' + str(c):>9}" for c in caps))
     for d, s in series.items():
         print(f"{d:12}" + "".join(f"{s[str(c)]:9.3f}" for c in caps))
-    print(f"overall {res['overall']:.3f}  Avg@{res['k']} {res['avg_at_k']:.3f}  mean turns {res['mean_turns']:.2f}  "
-          f"(correct: {res['mean_turns_correct']:.2f})  zoom rate {res['zoom_rate']:.2f}  exceeded "
-          f"{res['exceeded_rate']:.2f}  [{res['n_trajectories']} rollouts, {res['seconds']:.0f}s] -> {out}")
+    print(f"overall {res['overall']:.3f}  Avg@{res['k']} {res['avg_at_k']:.3f}  "
+          f"mean turns {res['mean_turns']:.2f} (correct: {res['mean_turns_correct']:.2f})  "
+          f"zoom rate {res['zoom_rate']:.2f}  exceeded {res['exceeded_rate']:.2f}  "
+          f"[{res['n_trajectories']} rollouts, {res['seconds']:.0f}s] -> {out}")
 
 
 def main(argv: list[str] | None = None):

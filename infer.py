@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IM_END, STOP_STRINGS, SYSTEM_PROMPT, Episode, encode_chunk, image_token_count, prompt_text,
-                    tool_turn_text)
+from common import (IM_END, STOP_STRINGS, SYSTEM_PROMPT, Episode, encode_chunk, image_token_count,
+                    prompt_text, tool_turn_text)
 from decoder import Decoder
 from model import load, pick_device
 
@@ -142,7 +142,8 @@ class Slot:
         self.length = 0                        # tokens in the cache
         self.next_pos = 0                      # M-RoPE position of the next token to feed
 
-    def add(self, ids: list[int], images: list[Image.Image] = (), sampled: bool = False, logprob: float = 0.0):
+    def add(self, ids: list[int], images: list[Image.Image] = (), sampled: bool = False,
+            logprob: float = 0.0):
         self.ids += ids
         self.sampled += [sampled] * len(ids)
         self.logprobs += [logprob] * len(ids)
@@ -214,7 +215,8 @@ class Engine:
             if order:
                 tokens, lps = choose(torch.stack([logits[i] for i in order]),
                                      [slots[i].forced_token() for i in order])
-                done += [i for i, t, lp in zip(order, tokens, lps) if self._advance(slots[i], t, lp, s, on_text)]
+                ended = [self._advance(slots[i], t, lp, s, on_text) for i, t, lp in zip(order, tokens, lps)]
+                done += [i for i, end in zip(order, ended) if end]
             for i in sorted(set(done), reverse=True):
                 results[slots[i].index] = slots[i].result()
                 bar.update(1)
@@ -258,8 +260,9 @@ class Engine:
         dec = [i for i in live if slots[i].pending() == 1]
         logits = {}
         if pre:
-            out, nexts = self.forward(pre, [slots[i].ids[slots[i].length:] for i in pre], [slots[i].images for i in pre],
-                                      [slots[i].length for i in pre], [slots[i].next_pos for i in pre])
+            rows = [slots[i] for i in pre]
+            out, nexts = self.forward(pre, [r.ids[r.length:] for r in rows], [r.images for r in rows],
+                                      [r.length for r in rows], [r.next_pos for r in rows])
             for j, i in enumerate(pre):
                 r = slots[i]
                 self.prefill_tokens += r.pending()
@@ -335,7 +338,8 @@ def draw_search(image: Image.Image, crops: list[dict], path: str):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = ap.add_argument_group("input and output")
-    io.add_argument("--model", default="tiny-base", help="tiny | tiny-base | a checkpoint folder | a hub name")
+    io.add_argument("--model", default="tiny-base",
+                    help="tiny | tiny-base | a checkpoint folder | a hub name")
     io.add_argument("--image", required=True)
     io.add_argument("--question", required=True)
     io.add_argument("--json", action="store_true", help="print the trajectory as JSON on the last line")
@@ -359,8 +363,8 @@ def main(argv=None):
         processor.budget.max_pixels = args.max_pixels
     image = Image.open(args.image).convert("RGB")
     out = sys.stderr if args.json else sys.stdout
-    settings = Settings(max_turns=args.max_turns, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, max_turn_tokens=args.max_turn_tokens)
+    settings = Settings(max_turns=args.max_turns, greedy=args.greedy, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, max_turn_tokens=args.max_turn_tokens)
     show = lambda i, text: print(text.replace("<|image_pad|>", ""), end="", file=out, flush=True)
     traj = Engine(model, processor, max_batch=1).run([Sample(image, args.question)], settings, progress=False,
                                                      on_text=show)[0]

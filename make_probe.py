@@ -129,7 +129,8 @@ def scene(rng: np.random.Generator, size: int, obj: int, objects: list[tuple[str
         if kind == 0:
             a = rng.uniform(0, 2 * math.pi)
             ln = rng.uniform(0.2, 0.8) * obj
-            draw.line([x, y, x + ln * math.cos(a), y + ln * math.sin(a)], fill=tone, width=int(rng.integers(1, 3)))
+            width = int(rng.integers(1, 3))
+            draw.line([x, y, x + ln * math.cos(a), y + ln * math.sin(a)], fill=tone, width=width)
         elif kind == 1:
             r = rng.uniform(1.5, 0.08 * obj)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=tone)
@@ -217,7 +218,8 @@ def print_table(summary: dict):
             s = level_stats(level)
             print(f"{split:6} {level:7} {len(sel):4d} {s['image']:6d} {s['object']:6d} "
                   f"{s['object_overview']:10.1f}px {s['glyph_overview']:12.1f}px {s['glyph_crop']:8.1f}px "
-                  f"{np.mean([r['n_lookalikes'] for r in sel]):11.1f} {np.mean([r['n_distractors'] for r in sel]):11.1f}")
+                  f"{np.mean([r['n_lookalikes'] for r in sel]):11.1f} "
+                  f"{np.mean([r['n_distractors'] for r in sel]):11.1f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +239,8 @@ def from_visualprobe(path: Path, images: Path, difficulty: str | None) -> list[d
                 raise ValueError(f"{path}: record {i} has no field {key!r}")
         rows.append({"images": [str((images / p).resolve()) for p in r["images"]], "problem": r["problem"],
                      "solution": str(r["solution"]), "data_source": r.get("data_source", "visualprobe"),
-                     "doc_id": str(r.get("doc_id", i)), "difficulty": r.get("difficulty", difficulty or "unknown")})
+                     "doc_id": str(r.get("doc_id", i)),
+                     "difficulty": r.get("difficulty", difficulty or "unknown")})
     return rows
 
 

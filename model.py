@@ -98,8 +98,9 @@ def _tokenizer_corpus() -> list[str]:
     rnd = random.Random(0)
     grid = [f"{i / 8:.3f}" for i in range(9)] + [f"{i / 100:.2f}" for i in range(101)]
     texts = [SYSTEM_PROMPT, PLAIN_SYSTEM_PROMPT] + [observation_text(t, t + 1) for t in range(40)]
-    texts += [error_text(r) for r in ("the grounding call is not valid JSON", "bbox_2d needs x0 < x1 and y0 < y1",
-                                      "unknown source", "observation_3 does not exist yet")]
+    reasons = ("the grounding call is not valid JSON", "bbox_2d needs x0 < x1 and y0 < y1", "unknown source",
+               "observation_3 does not exist yet")
+    texts += [error_text(r) for r in reasons]
     for _ in range(3000):
         c, s, g = rnd.choice(WORDS["colours"]), rnd.choice(WORDS["shapes"]), rnd.choice(WORDS["glyphs"])
         box = ", ".join(rnd.choice(grid) for _ in range(4))
@@ -140,7 +141,8 @@ def tiny_config(tokenizer, **overrides):
     text.update(overrides.pop("text", {}))
     vision.update(overrides.pop("vision", {}))
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"],
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True, **overrides)
 
 
@@ -191,8 +193,8 @@ def check_finite(loss: torch.Tensor, step: int, out: Path):
     state_file = Path(out) / "trainer_state.pt"
     if state_file.exists():
         last = torch.load(state_file, weights_only=False)["step"]
-        raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is {out} "
-                         f"(step {last}).")
+        raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is "
+                         f"{out} (step {last}).")
     raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping before any checkpoint was saved.")
 
 
@@ -224,7 +226,8 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
         attn[b, :k] = 1
         sample_grids = [tuple(x) for x in grids[g:g + len(s["shown"])].tolist()]
         g += len(s["shown"])
-        pos[:, b, :k] = rope_positions(s["ids"], sample_grids, 0, processor.image_token_id, processor.merge)[0]
+        pos[:, b, :k] = rope_positions(s["ids"], sample_grids, 0, processor.image_token_id,
+                                       processor.merge)[0]
     batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "pixel_values": pixel_values,
              "image_grid_thw": grids, "loss_mask": loss_mask}
     if all("aux" in s for s in samples):   # per-token targets, in the vision tower's output order

@@ -88,7 +88,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
-def rewards_for(trajs, rows, judge_engine=None, format_bonus: float = 0.0, tool_bonus: float = 0.0) -> list[float]:
+def rewards_for(trajs, rows, judge_engine=None, format_bonus: float = 0.0,
+                tool_bonus: float = 0.0) -> list[float]:
     """Correctness of the answer (rule match, or the judge's "Score: 0/1"), plus optional bonuses
     for a well-formed answer and for having used the tool (both off by default, as in the paper)."""
     if judge_engine is not None:
@@ -112,7 +113,8 @@ class Questions:
         picked = []
         for _ in range(n):
             epoch, k = divmod(self.cursor, len(self.rows))
-            picked.append(self.rows[int(np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[k])])
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            picked.append(self.rows[int(order[k])])
             self.cursor += 1
         return picked
 
@@ -127,11 +129,13 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
         if len(groups) >= args.prompts:
             break
         qs = questions.take(args.prompts - len(groups))
-        settings = Settings(max_turns=args.max_turns, temperature=args.temperature, max_turn_tokens=args.max_turn_tokens,
-                            seed=args.seed * 100_003 + step * 101 + attempt)
-        trajs = engine.run([Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)], settings,
-                           progress=False)
-        rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus, args.tool_bonus)
+        seed = args.seed * 100_003 + step * 101 + attempt
+        settings = Settings(max_turns=args.max_turns, temperature=args.temperature,
+                            max_turn_tokens=args.max_turn_tokens, seed=seed)
+        samples = [Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)]
+        trajs = engine.run(samples, settings, progress=False)
+        rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus,
+                         args.tool_bonus)
         for g, q in enumerate(qs):
             tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
             stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
@@ -187,8 +191,8 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None) 
         losses.append(loss.item())
         clips.append(clip.item())
         n_tok += int(batch["attention_mask"].sum())
-    return {"loss": float(np.mean(losses)) if losses else 0.0, "clip_fraction": float(np.mean(clips)) if clips else 0.0,
-            "n_tok": n_tok}
+    return {"loss": float(np.mean(losses)) if losses else 0.0,
+            "clip_fraction": float(np.mean(clips)) if clips else 0.0, "n_tok": n_tok}
 
 
 def step_record(step: int, stats, tried: int, dropped: int, upd: dict, seconds: float) -> dict:
@@ -199,7 +203,8 @@ def step_record(step: int, stats, tried: int, dropped: int, upd: dict, seconds: 
             "mean_turns": float(np.mean([t.turns for t in trajs])),
             "share_exceeded": float(np.mean([t.exceeded for t in trajs])),
             "share_truncated": float(np.mean([t.truncated for t in trajs])),
-            "share_groups_dropped": dropped / max(tried, 1), "loss": upd["loss"], "clip_fraction": upd["clip_fraction"],
+            "share_groups_dropped": dropped / max(tried, 1), "loss": upd["loss"],
+            "clip_fraction": upd["clip_fraction"],
             "tokens_per_s": (sum(len(t.token_ids) for t in trajs) + upd["n_tok"]) / seconds}
 
 
@@ -211,7 +216,7 @@ def parse_args(argv=None):
     io = ap.add_argument_group("input and output")
     io.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
-    io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log goes to <out>_log.jsonl")
+    io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log: <out>_log.jsonl")
     io.add_argument("--save-every", type=int, default=5)
     io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     io.add_argument("--seed", type=int, default=0)
@@ -232,7 +237,7 @@ def parse_args(argv=None):
     op.add_argument("--lr", type=float, default=2e-5)
     op.add_argument("--clip-low", type=float, default=0.2)
     op.add_argument("--clip-high", type=float, default=0.3)
-    op.add_argument("--kl", type=float, default=0.0, help="weight of a KL penalty to the starting model (off)")
+    op.add_argument("--kl", type=float, default=0.0, help="weight of a KL penalty to the start model (off)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
     op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None):
         bar.set_postfix(acc=f"{record['accuracy']:.2f}", turns=f"{record['mean_turns']:.1f}",
                         exc=f"{record['share_exceeded']:.2f}")
         bar.update(1)
-        tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in record.items()))
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(model, processor, out, {"trainer_state.pt": {
                 "optimizer": opt.state_dict(), "step": step, "cursor": questions.cursor, "args": vars(args)}})

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, append_jsonl, grade, load_image, read_jsonl, render
 from eval import line_plot
 from infer import Engine, Sample, Settings
-from model import check_finite, collate, pick_device, save_checkpoint, seed_everything, start_run, token_logprobs
+from model import (check_finite, collate, pick_device, save_checkpoint, seed_everything, start_run,
+                   token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ def read_trajectories(files: list[str]) -> list[dict]:
 def epoch_order(rows: list[dict], size: int, rng: np.random.Generator) -> np.ndarray:
     """A shuffled epoch in which each batch holds trajectories of similar length (less padding):
     shuffle, sort within windows of 8 batches by length, then shuffle the batches."""
-    length = np.array([sum(len(t) for t in trajectory_turns(r)) / 3 + 70 * len(r.get("turns", [])) if "turns" in r
+    # about 3 characters a token, and ~70 tokens for each turn's observation and image
+    length = np.array([sum(len(t) for t in trajectory_turns(r)) / 3 + 70 * len(r["turns"]) if "turns" in r
                        else len(r["solution"]) for r in rows])
     order = rng.permutation(len(rows))
     windows = [order[i:i + 8 * size] for i in range(0, len(order), 8 * size)]
@@ -120,7 +122,8 @@ def micro_batches(make, start: int, stop: int, workers: int):
 def evaluate_search(model, processor, rows: list[dict], root: Path, max_turns: int = 6) -> dict:
     """Probe questions rolled out greedily with the search protocol: accuracy per difficulty, mean turns."""
     samples = [Sample(image=load_image(r, root), question=r["problem"]) for r in rows]
-    results = Engine(model, processor).run(samples, Settings(max_turns=max_turns, greedy=True), progress=False)
+    settings = Settings(max_turns=max_turns, greedy=True)
+    results = Engine(model, processor).run(samples, settings, progress=False)
     per: dict[str, list[float]] = {}
     for r, res in zip(rows, results):
         per.setdefault(r.get("difficulty", "all"), []).append(grade(res.answer, r))
@@ -208,7 +211,8 @@ def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_lo
         opt.zero_grad(set_to_none=True)
         micro = [next(data) for _ in range(args.accum)]
         task = micro[-1][0]
-        loss, n = train_step(model, [{k: v.to(device) for k, v in b.items()} for _, b in micro], loss_fn, step, out)
+        batches = [{k: v.to(device) for k, v in b.items()} for _, b in micro]
+        loss, n = train_step(model, batches, loss_fn, step, out)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         sched.step()
@@ -262,8 +266,8 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", default=["runs/tiny/coldstart.jsonl"],
-                    help="trajectories (JSONL) to train on; base records (base.py --write-data) may be mixed in")
-    ap.add_argument("--train-vision", action="store_true", help="also train the vision tower (frozen by default)")
+                    help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in")
+    ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
     args = ap.parse_args(argv)
     if args.threads:
