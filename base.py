@@ -215,8 +215,8 @@ def base_loss(model, head, weight: float):
     plus `weight` x the auxiliary loss on the vision tower's output, captured by a forward hook."""
     captured = {}
     if head is not None:
-        keep = lambda module, inputs, output: captured.__setitem__("feats", output.pooler_output)
-        model.model.visual.register_forward_hook(keep)
+        capture = lambda module, inputs, output: captured.__setitem__("feats", output.pooler_output)
+        model.model.visual.register_forward_hook(capture)
 
     def loss_fn(model, batch, n_tokens, n_micro):
         if "input_ids" in batch:

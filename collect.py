@@ -106,9 +106,9 @@ def biggest_object(arr: np.ndarray, colour: str) -> np.ndarray | None:
     # keep the densest region: the bounding box of pixels near the median position
     cy, cx = np.median(ys), np.median(xs)
     size = max(np.percentile(np.abs(ys - cy), 95), np.percentile(np.abs(xs - cx), 95)) * 1.3 + 2
-    keep = (np.abs(ys - cy) <= size) & (np.abs(xs - cx) <= size)
+    near = (np.abs(ys - cy) <= size) & (np.abs(xs - cx) <= size)
     out = np.zeros_like(mask)
-    out[ys[keep], xs[keep]] = True
+    out[ys[near], xs[near]] = True
     return out
 
 

@@ -260,9 +260,9 @@ class Engine:
         dec = [i for i in live if slots[i].pending() == 1]
         logits = {}
         if pre:
-            rows = [slots[i] for i in pre]
-            out, nexts = self.forward(pre, [r.ids[r.length:] for r in rows], [r.images for r in rows],
-                                      [r.length for r in rows], [r.next_pos for r in rows])
+            fed = [slots[i] for i in pre]
+            out, nexts = self.forward(pre, [r.ids[r.length:] for r in fed], [r.images for r in fed],
+                                      [r.length for r in fed], [r.next_pos for r in fed])
             for j, i in enumerate(pre):
                 r = slots[i]
                 self.prefill_tokens += r.pending()

@@ -1,5 +1,6 @@
 """The committed tiny base (checkpoints/tiny-base) reads and grounds in the synthetic world."""
 import numpy as np
+import pytest
 
 import make_probe
 from base import base_sample, score_base
@@ -33,3 +34,32 @@ def test_base_reads_the_character_on_a_crop():
 def test_base_gives_the_box_of_the_asked_for_object():
     assert np.mean(_run("find", 24, 12)) >= 0.85
     assert np.mean(_run("locate", 12, 13)) >= 0.9
+
+
+def test_base_pretraining_runs_through_the_sft_trainer_and_resumes(tmp_path, monkeypatch):
+    """base.py: vision-only sheets and language tasks with the auxiliary head, held-out evaluation,
+    and a kill at step 3 that resumes to the same losses (the aux head's state included)."""
+    import base
+    from common import read_jsonl
+    base.write_base(tmp_path / "data", 0, 10, seed=7)
+
+    def run(out, *extra):
+        base.main(["--init", "tiny", "--out", str(out), "--steps", "4", "--batch", "2", "--save-every", "2",
+                   "--tasks", "sheet:1,read:1,list:1", "--eval-data", str(tmp_path / "data" / "base_test.jsonl"),
+                   "--eval-every", "4", "--eval-n", "4", *extra])
+        return {r["step"]: r for r in read_jsonl(out.parent / (out.name + "_log.jsonl"))}
+    full = run(tmp_path / "full")
+    assert {r["task"] for r in full.values()} >= {"sheet"} and "eval" in full[4]
+    real, calls = base.aux_loss, {"n": 0}
+
+    def dies_on_third_step(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(base, "aux_loss", dies_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(base, "aux_loss", real)
+    resumed = run(tmp_path / "killed", "--resume")
+    assert [resumed[s]["loss"] for s in (3, 4)] == pytest.approx([full[s]["loss"] for s in (3, 4)], rel=1e-5)
