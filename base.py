@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Budget, atomic_path, load_image, read_jsonl,
-                    render, write_jsonl)
+from common import (IM_END, NONNEGATIVE, NONNEGATIVE_FLOAT, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Budget,
+                    atomic_path, load_image, main_cli, render, write_jsonl)
 from infer import Engine, Sample, Settings
 from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
                         cell_box, draw_object, fmt_box, probe_sample, scene)
 from model import collate, pick_device, seed_everything, start_run
-from sft import add_training_args, spread, sft_loss, train
+from sft import add_training_args, read_held_out, sft_loss, train
 
 # ----------------------------------------------------------------------------------------------
 # The tasks: each sample is (image, question, answer text) rendered like the later stages render a turn
@@ -284,37 +284,51 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
         print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
 
 
+def task_weights(text: str) -> dict[str, float]:
+    """--tasks "read:1,locate:2": known task names with positive weights."""
+    known = BASE_TASKS + ["sheet", "scene"]
+    try:
+        weights = {k: float(v) for k, v in (p.split(":") for p in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form task:weight,task:weight") from None
+    bad = [k for k, v in weights.items() if k not in known or not v > 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r}: tasks are {', '.join(known)}, with weights > 0")
+    return weights
+
+
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-data", metavar="DIR", help="write base records to DIR instead of training")
-    ap.add_argument("--n-train", type=int, default=0, help="with --write-data: training records")
-    ap.add_argument("--n-test", type=int, default=500, help="with --write-data: held-out records")
-    ap.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary per-token loss (0: off)")
-    ap.add_argument("--tasks", default=None, help="task weights, e.g. read:1,locate:2 (default: curriculum)")
+    ap.add_argument("--n-train", type=NONNEGATIVE, default=0, help="with --write-data: training records")
+    ap.add_argument("--n-test", type=NONNEGATIVE, default=500, help="with --write-data: held-out records")
+    ap.add_argument("--aux", type=NONNEGATIVE_FLOAT, default=1.0, help="auxiliary loss weight (0: off)")
+    ap.add_argument("--tasks", type=task_weights, default=None,
+                    help="task weights, e.g. read:1,locate:2 (default: the curriculum)")
     add_training_args(ap, init="tiny", out="runs/base/ck", steps=15000)
     args = ap.parse_args(argv)
     if args.write_data:
         return write_base(Path(args.write_data), args.n_train, args.n_test, args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    weights = args.tasks
+    held_out = read_held_out(args.eval_data, args.eval_n, ("images", "problem", "solution", "task"))
+    held_out = [r for r in held_out if not weights or r["task"] in weights]
     seed_everything(args.seed)
-    model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device())
+    model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device(), args.overwrite)
     for p in model.model.visual.parameters():   # the vision tower learns here
         p.requires_grad_(True)
     head = None
     if args.aux > 0:
         head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(AUX_SIZES)).to(model.device)
-    weights = {k: float(v) for k, v in (p.split(":") for p in args.tasks.split(","))} if args.tasks else None
     make = lambda k: (lambda task, samples: (task, collate(samples, processor, "cpu")))(
         *base_batch(k, args.batch, args.seed, processor, weights))
     evaluate = None
-    if args.eval_data:
-        held_out = spread(read_jsonl(args.eval_data), args.eval_n)
-        held_out = [r for r in held_out if not weights or r["task"] in weights]
+    if held_out:
         evaluate = lambda m: evaluate_base(m, processor, held_out, Path(args.eval_data).parent)
     train(args, model, processor, state, make, base_loss(model, head, args.aux), evaluate,
           {"aux_head": head} if head is not None else {})
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)

@@ -25,11 +25,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IM_END, IM_START, IMAGE, ROOT, TINY_BUDGET, Episode, grade, load_image, read_jsonl,
-                    write_jsonl)
+from common import (IM_END, IM_START, IMAGE, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, ROOT,
+                    SHARE, TINY_BUDGET, Episode, InputError, grade, has_special, load_image, main_cli,
+                    read_records, write_jsonl)
 from infer import Engine, Sample, Settings
 from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
-from model import load, pick_device
+from model import load, pick_device, resolve_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # The explorer's eyes: plain pixel rules on the images it is shown.
@@ -327,11 +328,13 @@ def label(found: list[dict], root: Path) -> list[dict]:
 # Filter and report
 # ----------------------------------------------------------------------------------------------
 def filter_trajectories(found: list[dict], max_share: float, seed: int) -> list[dict]:
-    """Correct, non-exceeded, unique; then no pattern above max_share of the kept set."""
+    """Correct, non-exceeded, unique, free of special tokens; then no pattern above max_share of the
+    kept set."""
     seen, good = set(), []
     for f in found:
         key = (f["doc_id"], tuple(f["turns"]))
-        if f["correct"] and not f.get("exceeded") and key not in seen:
+        junk = any(has_special(t) for t in f["turns"])    # e.g. a spelled-out <|image_pad|>
+        if f["correct"] and not f.get("exceeded") and not junk and key not in seen:
             seen.add(key)
             good.append(f)
     random.Random(seed).shuffle(good)
@@ -370,30 +373,35 @@ def main(argv: list[str] | None = None):
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/coldstart.jsonl", help="the kept trajectories (JSONL)")
     io.add_argument("--append", help="an earlier trajectory file whose rows are kept too (iterative rounds)")
-    io.add_argument("--limit", type=int, default=0, help="use only the first N questions")
+    io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions")
     src = ap.add_argument_group("source (default: the explorer)")
     src.add_argument("--model", help="self rollouts of this checkpoint instead of the explorer")
     src.add_argument("--teacher", help="a VLM shown the six exemplars in context (few-shot teacher)")
-    src.add_argument("--samples", type=int, default=4, help="attempts per question (model sources)")
-    src.add_argument("--max-turns", type=int, default=16)
-    src.add_argument("--temperature", type=float, default=1.0)
-    src.add_argument("--depth-first", type=float, default=0.3,
+    src.add_argument("--samples", type=POSITIVE, default=4, help="attempts per question (model sources)")
+    src.add_argument("--max-turns", type=POSITIVE, default=16)
+    src.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    src.add_argument("--depth-first", type=SHARE, default=0.3,
                      help="explorer: share of searches that zoom into quarters first")
     src.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-share", type=float, default=0.6, help="largest share any one pattern may take")
+    ap.add_argument("--max-share", type=PROBABILITY, default=0.6, help="largest share of one pattern")
     args = ap.parse_args(argv)
-    rows = read_jsonl(args.data)[: args.limit or None]
+    inputs = [args.data] + ([args.append] if args.append else [])
+    if any(Path(args.out).resolve() == Path(f).resolve() for f in inputs):
+        raise InputError(f"--out {args.out} is also an input: write the trajectories to another file")
+    rows = read_records(args.data)[: args.limit or None]      # every input is checked before any work
+    earlier = read_records(args.append, ("images", "problem", "turns")) if args.append else []
+    if args.model or args.teacher:
+        resolve_checkpoint(args.model or args.teacher)
     root = Path(args.data).parent
     t0 = time.time()
     rollouts = model_rollouts if args.model or args.teacher else explorer_rollouts
     found = label(rollouts(rows, root, args), root)
     kept = filter_trajectories(found, args.max_share, args.seed)
-    if args.append:
-        kept = read_jsonl(args.append) + kept
+    kept = earlier + kept
     write_jsonl(args.out, kept)
     table(found, kept)
     print(f"kept {len(kept)} of {len(found)} trajectories -> {args.out} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import PLAIN_SYSTEM_PROMPT, atomic_path, grade, load_image, read_jsonl, write_jsonl
+from common import (NONNEGATIVE, NONNEGATIVE_FLOAT, PLAIN_SYSTEM_PROMPT, POSITIVE, InputError, atomic_path,
+                    grade, load_image, main_cli, read_records, turn_caps, write_jsonl)
 from infer import Engine, Sample, Settings, draw_search
-from model import load, pick_device
+from model import load, pick_device, resolve_checkpoint
 
 JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\n"
                 "Reference answer: {reference}\nCandidate answer: {answer}\n"
@@ -109,6 +110,9 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabe
 
 def compare(dirs: list[str], out: Path):
     """One table (accuracy per difficulty at each turn cap) and one plot for several evaluations."""
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no results.json (not an eval.py output folder)")
     runs = {Path(d).name: json.loads((Path(d) / "results.json").read_text()) for d in dirs}
     caps = sorted({int(c) for r in runs.values() for c in r["by_turn_cap"]})
     header = "".join(f"{'cap ' + str(c):>9}" for c in caps)
@@ -130,31 +134,34 @@ def parse_args(argv=None):
     io.add_argument("--model", default="runs/tiny/rl", help="the checkpoint to evaluate")
     io.add_argument("--data", default="runs/tiny/probe/test.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories, PNGs")
-    io.add_argument("--examples", type=int, default=6, help="trajectory pictures to draw")
-    io.add_argument("--limit", type=int, default=0, help="use only the first N questions")
+    io.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    io.add_argument("--examples", type=NONNEGATIVE, default=6, help="trajectory pictures to draw")
+    io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions")
     gen = ap.add_argument_group("rollouts")
-    gen.add_argument("--turn-caps", default="1,2,4,6,8,12,16")
-    gen.add_argument("--samples", type=int, default=1, help="rollouts per question (Avg@K)")
+    gen.add_argument("--turn-caps", type=turn_caps, default="1,2,4,6,8,12,16")
+    gen.add_argument("--samples", type=POSITIVE, default=1, help="rollouts per question (Avg@K)")
     gen.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 1.0)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--max-turn-tokens", type=int, default=256)
-    gen.add_argument("--max-total-tokens", type=int, default=8192)
-    gen.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
-    gen.add_argument("--max-batch", type=int, default=32)
+    gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    gen.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
+    gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192)
+    gen.add_argument("--max-pixels", type=POSITIVE, help="override the checkpoint's pixel budget")
+    gen.add_argument("--max-batch", type=POSITIVE, default=32)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
     return ap.parse_args(argv)
 
 
-def rollout(args, rows: list[dict], images: list[Image.Image], caps: list[int]) -> list[dict]:
-    """Roll every question out --samples times at the largest cap; one record per trajectory."""
+def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
+    """Roll every question out --samples times at the largest cap; one record per trajectory.
+    Images are loaded when a question enters the batch and dropped when it leaves (memory)."""
     model, processor = load(args.model, device=pick_device())
     if args.max_pixels:
         processor.budget.max_pixels = args.max_pixels
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
     settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
                         max_turn_tokens=args.max_turn_tokens)
-    samples = [Sample(im, r["problem"]) for im, r in zip(images, rows) for _ in range(args.samples)]
+    loader = lambda r: (lambda: load_image(r, root))   # called when the question enters the batch
+    samples = [Sample(loader(r), r["problem"]) for r in rows for _ in range(args.samples)]
     results = engine.run(samples, settings)
     flat_rows = [r for r in rows for _ in range(args.samples)]
     if args.judge:
@@ -184,13 +191,15 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare, Path(args.out if args.out.endswith(".png") else args.out + ".png"))
-    caps = sorted(int(c) for c in args.turn_caps.split(","))
-    rows = read_jsonl(args.data)[: args.limit or None]
-    root = Path(args.data).parent
-    out = Path(args.out)
+    caps = args.turn_caps
+    rows = read_records(args.data)[: args.limit or None]    # every input is checked before any work
+    root, out = Path(args.data).parent, Path(args.out)
+    for name in [args.model] + ([args.judge] if args.judge else []):
+        resolve_checkpoint(name)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise InputError(f"{out} holds the results of an evaluation: pass --overwrite to replace them")
     t0 = time.time()
-    images = [load_image(r, root) for r in rows]
-    trajs = rollout(args, rows, images, caps)
+    trajs = rollout(args, rows, root, caps)
     res = summarise(trajs, caps)
     res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,
                 "turn_caps": caps, "seconds": round(time.time() - t0, 1)})
@@ -204,10 +213,10 @@ def main(argv: list[str] | None = None):
     for i in [i for i, t in enumerate(trajs) if t["crops"]][: args.examples]:
         t = trajs[i]
         name = f"{i:03d}_{t['difficulty']}_{'right' if t['correct'] else 'wrong'}.png"
-        draw_search(images[i // args.samples], t["crops"], out / "examples" / name)
+        draw_search(load_image(rows[i // args.samples], root), t["crops"], out / "examples" / name)
     print_summary(res, caps, out)
     return res
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)

@@ -20,13 +20,16 @@ import json
 import sys
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IM_END, STOP_STRINGS, SYSTEM_PROMPT, Episode, encode_chunk, image_token_count,
+from common import (IM_END, MAX_QUESTION_CHARS, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, STOP_STRINGS,
+                    SYSTEM_PROMPT, Episode, InputError, encode_chunk, image_token_count, load_image, main_cli,
                     prompt_text, tool_turn_text)
 from decoder import Decoder
 from model import load, pick_device
@@ -40,7 +43,7 @@ BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
-    image: Image.Image | None           # None: a text-only conversation
+    image: Image.Image | Callable[[], Image.Image] | None   # (a loader: called on admission); None: text only
     question: str
     system: str = SYSTEM_PROMPT
     forced: list[list[int]] | None = None   # scripted token ids per turn (tests, teacher forcing)
@@ -131,7 +134,8 @@ class Slot:
 
     def __init__(self, index: int, sample: Sample, budget):
         self.index, self.sample = index, sample
-        self.episode = Episode(sample.image, budget)
+        image = sample.image() if callable(sample.image) else sample.image
+        self.episode = Episode(image, budget)
         self.ids: list[int] = []
         self.sampled: list[bool] = []
         self.logprobs: list[float] = []
@@ -346,22 +350,32 @@ def parse_args(argv=None):
     io.add_argument("--save-inputs", help="write input_ids, pixel_values, image_grid_thw (safetensors)")
     io.add_argument("--draw", help="save the image with the zoom boxes numbered")
     gen = ap.add_argument_group("generation")
-    gen.add_argument("--max-turns", type=int, default=12)
-    gen.add_argument("--max-turn-tokens", type=int, default=512)
+    gen.add_argument("--max-turns", type=POSITIVE, default=12)
+    gen.add_argument("--max-turn-tokens", type=POSITIVE, default=512)
     gen.add_argument("--greedy", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    gen.add_argument("--top-p", type=PROBABILITY, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-pixels", type=int, help="override the checkpoint's pixel budget")
+    gen.add_argument("--max-pixels", type=POSITIVE, help="override the checkpoint's pixel budget")
     return ap.parse_args(argv)
+
+
+def check_args(args):
+    """Everything the CLI reads or writes, checked before the model runs."""
+    if len(args.question) > MAX_QUESTION_CHARS:
+        raise InputError(f"--question has {len(args.question)} characters (at most {MAX_QUESTION_CHARS})")
+    for name in (args.save_inputs, args.draw):
+        if name and not Path(name).resolve().parent.is_dir():
+            raise InputError(f"{name}: its folder does not exist")
+    return load_image({"images": [str(Path(args.image).resolve())], "doc_id": "--image"}, ".")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    image = check_args(args)
     model, processor = load(args.model, device=pick_device())
     if args.max_pixels:
         processor.budget.max_pixels = args.max_pixels
-    image = Image.open(args.image).convert("RGB")
     out = sys.stderr if args.json else sys.stdout
     settings = Settings(max_turns=args.max_turns, greedy=args.greedy, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, max_turn_tokens=args.max_turn_tokens)
@@ -370,6 +384,8 @@ def main(argv=None):
                                                      on_text=show)[0]
     print(f"\n\nanswer: {traj.answer!r}  turns: {traj.turns}  zooms: {len(traj.crops)}  tool errors: "
           f"{traj.tool_errors}  exceeded: {traj.exceeded}", file=out)
+    if args.json:       # the result first, then the files
+        print(json.dumps(traj.to_json()))
     if args.save_inputs:
         from safetensors.torch import save_file
         pixel_values, grids = processor.pixels(traj.shown)
@@ -377,9 +393,7 @@ def main(argv=None):
                    "image_grid_thw": grids.contiguous()}, args.save_inputs)
     if args.draw:
         draw_search(image, traj.crops, args.draw)
-    if args.json:
-        print(json.dumps(traj.to_json()))
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)

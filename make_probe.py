@@ -19,13 +19,14 @@ import base64
 import io
 import json
 import math
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import TINY_BUDGET, WORDS, Budget, atomic_path, write_jsonl
+from common import NONNEGATIVE, TINY_BUDGET, WORDS, Budget, InputError, atomic_path, main_cli, write_jsonl
 
 GRID = 8
 COLOURS = {"red": (214, 40, 40), "green": (36, 150, 60), "blue": (40, 80, 214), "yellow": (236, 196, 24)}
@@ -229,15 +230,21 @@ def from_visualprobe(path: Path, images: Path, difficulty: str | None) -> list[d
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e.msg} (line {e.lineno})") from None
+        raise InputError(f"{path}: not valid JSON: {e.msg} (line {e.lineno})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+        raise InputError(f"{path}: expected a JSON list of records")
     rows = []
     for i, r in enumerate(data):
         for key in ("images", "problem", "solution"):
-            if key not in r:
-                raise ValueError(f"{path}: record {i} has no field {key!r}")
-        rows.append({"images": [str((images / p).resolve()) for p in r["images"]], "problem": r["problem"],
+            if not isinstance(r, dict) or key not in r:
+                raise InputError(f"{path}: record {i} has no field {key!r}")
+        paths = r["images"]
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise InputError(f"{path}: record {i}: field 'images' must be a non-empty list of paths")
+        paths = [(images / p).resolve() for p in paths]
+        if not all(p.is_relative_to(images.resolve()) for p in paths):
+            raise InputError(f"{path}: record {i}: an image path leaves the image folder {images}")
+        rows.append({"images": [str(p) for p in paths], "problem": r["problem"],
                      "solution": str(r["solution"]), "data_source": r.get("data_source", "visualprobe"),
                      "doc_id": str(r.get("doc_id", i)),
                      "difficulty": r.get("difficulty", difficulty or "unknown")})
@@ -261,10 +268,10 @@ def from_vstar(root: Path, seed: int) -> list[dict]:
                 m = json.loads(meta.read_text(encoding="utf-8"))
                 question, options = m["question"], list(m["options"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{meta}: not a V* annotation ({e})") from None
+                raise InputError(f"{meta}: not a V* annotation ({e})") from None
             image = next((p for p in folder.glob(meta.stem + ".*") if p.suffix.lower() != ".json"), None)
             if image is None:
-                raise ValueError(f"{meta}: no image beside it")
+                raise InputError(f"{meta}: no image beside it")
             # the raw files always list the right option first: shuffle with a fixed seed
             order = np.random.default_rng([seed, len(rows)]).permutation(len(options))
             shuffled = [options[j] for j in order]
@@ -272,7 +279,7 @@ def from_vstar(root: Path, seed: int) -> list[dict]:
                          "solution": "ABCDEFGH"[int(np.where(order == 0)[0][0])], "options": shuffled,
                          "data_source": "vstar", "doc_id": f"{category}/{meta.stem}", "difficulty": category})
     if not rows:
-        raise ValueError(f"{root}: no direct_attributes/ or relative_position/ annotations found")
+        raise InputError(f"{root}: no direct_attributes/ or relative_position/ annotations found")
     return rows
 
 
@@ -285,15 +292,17 @@ def from_hrbench(path: Path, out: Path) -> list[dict]:
         reader = csv.DictReader(f, delimiter="\t")
         need = {"index", "question", "answer", "A", "B", "C", "D", "category", "image"}
         if not need <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: missing columns {sorted(need - set(reader.fieldnames or []))}")
+            raise InputError(f"{path}: missing columns {sorted(need - set(reader.fieldnames or []))}")
         for lineno, r in enumerate(reader, 2):
             try:
                 data = base64.b64decode(r["image"], validate=True)
                 img = Image.open(io.BytesIO(data))
                 img.load()
             except Exception as e:
-                raise ValueError(f"{path}:{lineno}: column 'image' is not a base64 image ({e})") from None
-            name = f"images/hr_{r['index']}.{(img.format or 'png').lower()}"
+                raise InputError(f"{path}:{lineno}: column 'image' is not a base64 image ({e})") from None
+            # the index names a file: only letters, digits, - and _ (a row cannot write outside --out)
+            safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(r["index"]))[:80]
+            name = f"images/hr_{safe}.{(img.format or 'png').lower()}"
             with atomic_path(out / name) as tmp:
                 tmp.write_bytes(data)
             options = [r[k] for k in "ABCD"]
@@ -308,8 +317,8 @@ def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/tiny/probe", help="folder for *.jsonl and images/")
     syn = ap.add_argument_group("synthetic probe (default)")
-    syn.add_argument("--n-train", type=int, default=600)
-    syn.add_argument("--n-test", type=int, default=90)
+    syn.add_argument("--n-train", type=NONNEGATIVE, default=600)
+    syn.add_argument("--n-test", type=NONNEGATIVE, default=90)
     syn.add_argument("--seed", type=int, default=1, help="also shuffles V* options")
     conv = ap.add_argument_group("converting a benchmark (writes <out>/test.jsonl)")
     conv.add_argument("--from", dest="source", choices=["visualprobe", "vstar", "hrbench"])
@@ -326,6 +335,8 @@ def main(argv: list[str] | None = None):
     if not args.input:
         ap.error("--from needs the input file or folder")
     src = Path(args.input)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
     if args.source == "visualprobe":
         rows = from_visualprobe(src, Path(args.images or src.parent), args.difficulty)
     elif args.source == "vstar":
@@ -337,4 +348,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)

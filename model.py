@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, TINY_MAX_PIXELS, TINY_MIN_PIXELS, Budget,
-                    ROOT, WORDS, atomic_path, error_text, observation_text, rope_positions)
+                    ROOT, WORDS, InputError, atomic_path, error_text, observation_text, recover,
+                    rope_positions)
 
 TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
 
@@ -62,14 +65,36 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_checkpoint(name: str) -> str:
+    """A local folder as it is (a save interrupted by a kill is finished first), or a hub name
+    ("org/model"). A name that looks local (a path that starts with . / ~, has no slash or more
+    than one, or whose first part is a local folder) and does not exist is an InputError here:
+    it is never sent to the hub."""
+    if name == "tiny-base":
+        return str(TINY_BASE)
+    path = Path(name).expanduser()
+    recover(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{name}: a folder, but not a checkpoint (no config.json in it)")
+        return str(path)
+    looks_local = (name.startswith((".", "/", "~")) or not _HUB_NAME.fullmatch(name)
+                   or Path(name.split("/")[0]).is_dir())
+    if looks_local:
+        raise InputError(f"{name}: no such checkpoint folder (and not a hub name of the form org/model)")
+    return name
+
+
 def load(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype=None, seed: int = 0):
     """(model, processor) for "tiny" (random init), "tiny-base", a local folder or a hub name."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     if name_or_path == "tiny":
         model, processor = build_tiny(seed)
         return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
-    if name_or_path == "tiny-base":
-        name_or_path = str(TINY_BASE)
+    name_or_path = resolve_checkpoint(name_or_path)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     kwargs = {}
@@ -173,13 +198,41 @@ def save_checkpoint(model, processor, path: str | os.PathLike, extra: dict[str, 
                 torch.save(obj, tmp / name)
 
 
-def start_run(out: Path, init: str, resume: bool, device: str):
-    """(model, processor, trainer state or None): from `out`'s last checkpoint when resuming and
-    there is one, else from `init`."""
-    state_file = Path(out) / "trainer_state.pt"
+def check_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Before a training run writes to `out` (a checkpoint folder, with its log <out>_log.jsonl):
+    finish or clean an interrupted save; refuse to replace a run that is there unless --resume
+    (continue it) or --overwrite (delete it first). Returns whether there is a run to resume."""
+    out = Path(out)
+    recover(out)
+    log = out.parent / (out.name + "_log.jsonl")
+    state_file = out / "trainer_state.pt"
+    there = out.exists() or log.exists()
     if resume and state_file.exists():
+        return True
+    if resume:   # (what a killed run logged before its first checkpoint stays; its steps are logged again)
+        print(f"--resume: nothing to resume in {out} (no trainer_state.pt); starting from the start")
+        return False
+    if there and not overwrite:
+        what = "files of an earlier run"
+        if state_file.exists():
+            what = f"a run (step {torch.load(state_file, weights_only=False)['step']})"
+        raise InputError(f"{out} holds {what}: pass --resume to continue it or --overwrite to replace it")
+    if there:
+        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+        log.with_suffix(".png").unlink(missing_ok=True)
+    return False
+
+
+def start_run(out: Path, init: str, resume: bool, device: str, overwrite: bool = False):
+    """(model, processor, trainer state or None): from `out`'s last checkpoint when resuming and
+    there is one, else from `init`. A bad --init fails before `check_out` touches anything."""
+    recover(out)
+    if init != "tiny" and not (resume and (Path(out) / "trainer_state.pt").exists()):
+        resolve_checkpoint(init)
+    if check_out(out, resume, overwrite):
         model, processor = load(str(out), device=device)
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(Path(out) / "trainer_state.pt", weights_only=False)
         print(f"resumed from {out} at step {state['step']}")
         return model, processor, state
     model, processor = load(init, device=device)

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import append_jsonl, grade, load_image, read_jsonl
+from common import (NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, grade, load_image, main_cli,
+                    read_records)
 from eval import judge
 from infer import Engine, Sample, Settings
-from model import (check_finite, collate, load, pick_device, save_checkpoint, seed_everything, start_run,
-                   token_logprobs)
+from model import (check_finite, collate, load, pick_device, resolve_checkpoint, save_checkpoint,
+                   seed_everything, start_run, token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,27 +218,29 @@ def parse_args(argv=None):
     io.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log: <out>_log.jsonl")
-    io.add_argument("--save-every", type=int, default=5)
+    io.add_argument("--save-every", type=POSITIVE, default=5)
     io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    io.add_argument("--overwrite", action="store_true", help="replace a run that is already in --out")
     io.add_argument("--seed", type=int, default=0)
     ro = ap.add_argument_group("rollouts")
-    ro.add_argument("--steps", type=int, default=30)
-    ro.add_argument("--prompts", type=int, default=8, help="questions per step (P)")
-    ro.add_argument("--group", type=int, default=8, help="rollouts per question (G)")
-    ro.add_argument("--max-turns", type=int, default=6)
-    ro.add_argument("--max-turn-tokens", type=int, default=160)
-    ro.add_argument("--temperature", type=float, default=1.0)
-    ro.add_argument("--max-batch", type=int, default=32, help="engine rows at a time")
+    ro.add_argument("--steps", type=POSITIVE, default=30)
+    ro.add_argument("--prompts", type=POSITIVE, default=8, help="questions per step (P)")
+    ro.add_argument("--group", type=flag(int, 2), default=8,
+                    help="rollouts per question (G, at least 2: GRPO compares rollouts of one question)")
+    ro.add_argument("--max-turns", type=POSITIVE, default=6)
+    ro.add_argument("--max-turn-tokens", type=POSITIVE, default=160)
+    ro.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    ro.add_argument("--max-batch", type=POSITIVE, default=32, help="engine rows at a time")
     rw = ap.add_argument_group("rewards")
     rw.add_argument("--judge", help="an LLM judge (path or hub name) instead of the rule match")
-    rw.add_argument("--format-bonus", type=float, default=0.0)
-    rw.add_argument("--tool-bonus", type=float, default=0.0)
+    rw.add_argument("--format-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
+    rw.add_argument("--tool-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     op = ap.add_argument_group("optimisation")
-    op.add_argument("--minibatch", type=int, default=16, help="trajectories per optimizer update")
-    op.add_argument("--lr", type=float, default=2e-5)
-    op.add_argument("--clip-low", type=float, default=0.2)
-    op.add_argument("--clip-high", type=float, default=0.3)
-    op.add_argument("--kl", type=float, default=0.0, help="weight of a KL penalty to the start model (off)")
+    op.add_argument("--minibatch", type=POSITIVE, default=16, help="trajectories per optimizer update")
+    op.add_argument("--lr", type=RATE, default=2e-5)
+    op.add_argument("--clip-low", type=SHARE, default=0.2)
+    op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
+    op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
     op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")
@@ -247,8 +250,11 @@ def parse_args(argv=None):
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     device, out = pick_device(), Path(args.out)
+    rows = read_records(args.data)                 # every input is checked before any work
+    if args.judge:
+        resolve_checkpoint(args.judge)
     seed_everything(args.seed)
-    model, processor, state = start_run(out, args.model, args.resume, device)
+    model, processor, state = start_run(out, args.model, args.resume, device, args.overwrite)
     for p in model.model.visual.parameters():      # the vision tower stays frozen, as in SFT
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None):
     if state:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    questions = Questions(read_jsonl(args.data), args.seed, state["cursor"] if state else 0)
+    questions = Questions(rows, args.seed, state["cursor"] if state else 0)
     engine = Engine(model, processor, max_batch=args.max_batch)
     log = out.parent / (out.name + "_log.jsonl")
     bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
@@ -285,4 +291,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)

@@ -11,11 +11,11 @@ python make_probe.py --out runs/tiny/probe --n-train 600 --n-test 90 --seed 1
 stage "1. cold-start trajectories (explorer teacher)"
 python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl
 stage "2. supervised fine-tuning from the tiny base"
-python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 240 --batch 8 --lr 1e-3
+python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 240 --batch 8 --lr 1e-3 --overwrite
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
-python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --prompts 4 --group 8 --lr 2e-4
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --prompts 4 --group 8 --lr 2e-4 --overwrite
 stage "4. evaluation: turn caps 1-16 on the test split"
-python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy
-python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy
+python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy --overwrite
+python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite
 python eval.py --compare runs/tiny/eval_sft runs/tiny/eval_rl --out runs/tiny/compare.png
 echo; echo "done in $(( $(date +%s) - T0 ))s"

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, append_jsonl, grade, load_image, read_jsonl, render
+from common import (NONNEGATIVE, PLAIN_SYSTEM_PROMPT, POSITIVE, RATE, SHARE, SYSTEM_PROMPT, InputError,
+                    append_jsonl, grade, load_image, main_cli, read_jsonl, read_records, render)
 from eval import line_plot
 from infer import Engine, Sample, Settings
 from model import (check_finite, collate, pick_device, save_checkpoint, seed_everything, start_run,
@@ -52,10 +53,12 @@ def trajectory_turns(row: dict) -> list[str]:
 
 
 def read_trajectories(files: list[str]) -> list[dict]:
-    """Rows of several files; each row's images are relative to its own file's folder."""
+    """Rows of several files, all checked before training (a trajectory has `turns`, a base record
+    a `solution`); each row's images are relative to its own file's folder."""
     rows = []
     for f in files:
-        rows += [{**r, "_root": str(Path(f).parent)} for r in read_jsonl(f)]
+        rows += [{**r, "_root": str(Path(f).parent)} for r in read_records(f, ("images", "problem",
+                                                                                ("turns", "solution")))]
         print(f"{len(rows)} records after {f}")
     return rows
 
@@ -75,7 +78,7 @@ def epoch_order(rows: list[dict], size: int, rng: np.random.Generator) -> np.nda
     return np.concatenate([batches[j] for j in rng.permutation(len(batches))])
 
 
-def file_batch(rows: list[dict], step: int, size: int, seed: int, processor) -> list[dict]:
+def file_batch(rows: list[dict], step: int, size: int, seed: int, processor, max_tokens: int | None = None):
     """Batch number `step` of the epoch it falls in, rendered into tokens. A record with `turns` is
     a trajectory; one without (a base record) is one turn answering with its solution."""
     per_epoch = max(1, len(rows) // size)
@@ -86,7 +89,11 @@ def file_batch(rows: list[dict], step: int, size: int, seed: int, processor) -> 
         row = rows[int(i)]
         system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else SYSTEM_PROMPT
         turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
-        out.append(render(load_image(row, row["_root"]), row["problem"], turns, processor, system=system))
+        try:
+            out.append(render(load_image(row, row["_root"]), row["problem"], turns, processor, system=system,
+                              max_tokens=max_tokens))
+        except InputError as e:
+            raise InputError(f"record {row.get('doc_id', int(i))}: {e}") from None
     return out
 
 
@@ -150,6 +157,11 @@ def plot_curves(log: Path, out: Path):
 def spread(rows: list[dict], n: int) -> list[dict]:
     """n rows taken evenly over the file (so every split and task of it is represented)."""
     return rows[:: max(1, len(rows) // n)][:n]
+
+
+def read_held_out(path: str | None, n: int, need) -> list[dict]:
+    """--eval-data's records (checked), n of them spread over the file; none without the flag."""
+    return spread(read_records(path, need), n) if path else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,23 +256,25 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     io = ap.add_argument_group("input and output")
     io.add_argument("--init", default=init, help="'tiny' (random), 'tiny-base', or a checkpoint folder")
     io.add_argument("--out", default=out, help="checkpoint folder; the log goes to <out>_log.jsonl")
-    io.add_argument("--save-every", type=int, default=200)
+    io.add_argument("--save-every", type=POSITIVE, default=200)
     io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    io.add_argument("--overwrite", action="store_true", help="replace a run that is already in --out")
     io.add_argument("--eval-data", default=None, help="held-out records to score every --eval-every steps")
-    io.add_argument("--eval-every", type=int, default=500)
-    io.add_argument("--eval-n", type=int, default=150)
+    io.add_argument("--eval-every", type=POSITIVE, default=500)
+    io.add_argument("--eval-n", type=POSITIVE, default=150)
     op = ap.add_argument_group("optimisation")
-    op.add_argument("--steps", type=int, default=steps)
-    op.add_argument("--batch", type=int, default=16)
-    op.add_argument("--accum", type=int, default=1, help="gradient accumulation (micro-batches per step)")
-    op.add_argument("--lr", type=float, default=1e-3)
-    op.add_argument("--vision-lr", type=float, default=None, help="learning rate of vision tower + merger")
-    op.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of --steps")
-    op.add_argument("--clip", type=float, default=1.0)
+    op.add_argument("--steps", type=POSITIVE, default=steps)
+    op.add_argument("--batch", type=POSITIVE, default=16)
+    op.add_argument("--accum", type=POSITIVE, default=1, help="micro-batches a step (accumulation)")
+    op.add_argument("--lr", type=RATE, default=1e-3)
+    op.add_argument("--vision-lr", type=RATE, default=None, help="learning rate of vision tower + merger")
+    op.add_argument("--warmup", type=SHARE, default=0.05, help="warmup, as a fraction of --steps")
+    op.add_argument("--clip", type=RATE, default=1.0, help="gradient-norm clipping")
+    op.add_argument("--max-tokens", type=POSITIVE, default=4096, help="longest conversation trained on")
     op.add_argument("--seed", type=int, default=0)
     run = ap.add_argument_group("machine")
-    run.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    run.add_argument("--workers", type=int, default=0, help="processes that build batches ahead (GPU runs)")
+    run.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0: torch's default)")
+    run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
 
 
 def main(argv: list[str] | None = None):
@@ -272,18 +286,19 @@ def main(argv: list[str] | None = None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows = read_trajectories(args.data)             # every input is checked before any work
+    held_out = read_held_out(args.eval_data, args.eval_n, ("images", "problem", "solution"))
     seed_everything(args.seed)
-    model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device())
+    model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device(), args.overwrite)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
-    rows = read_trajectories(args.data)
-    make = lambda k: (None, collate(file_batch(rows, k, args.batch, args.seed, processor), processor, "cpu"))
+    make = lambda k: (None, collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens),
+                                    processor, "cpu"))
     evaluate = None
-    if args.eval_data:
-        held_out = spread(read_jsonl(args.eval_data), args.eval_n)
+    if held_out:
         evaluate = lambda m: evaluate_search(m, processor, held_out, Path(args.eval_data).parent)
     train(args, model, processor, state, make, sft_loss, evaluate)
 
 
 if __name__ == "__main__":
-    main()
+    main_cli(main)
