@@ -3,14 +3,12 @@ the problem before any work is done, or with the work saved; nothing already the
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import collect
