@@ -264,7 +264,9 @@ class Episode:
 
     def __init__(self, image: Image.Image | None, budget: Budget):
         self.budget = budget   # (image None: a text-only conversation, e.g. a judge's)
-        self.images = [image.convert("RGB")] if image is not None else []
+        if image is not None and image.mode != "RGB":
+            image = image.convert("RGB")       # (an RGB image is used as it is: no copy of a big picture)
+        self.images = [image] if image is not None else []
         self.boxes = [(0, 0, image.width, image.height)] if image is not None else []
         self.shown = [budget.resize(im) for im in self.images]
         self.crops: list[dict] = []   # one per zoom: source, relative bbox, pixel box in the original
@@ -424,7 +426,8 @@ class InputError(ValueError):
 
 
 def main_cli(main):
-    """Run a script's main(): an InputError ends it with one line on stderr and exit status 2."""
+    """Run a script's main(): an InputError ends it with one line on stderr and exit status 1
+    (argparse's own errors about flags exit with 2)."""
     try:
         main()
     except InputError as e:
@@ -570,7 +573,7 @@ def _jsonl_lines(path: str | os.PathLike):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.strip())
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(row, dict):
@@ -595,7 +598,8 @@ def load_image(row: dict, root: str | os.PathLike, max_pixels: int = MAX_IMAGE_P
             if im.width * im.height > max_pixels:
                 scale = math.sqrt(max_pixels / (im.width * im.height))
                 im.draft("RGB", (int(im.width * scale), int(im.height * scale)))   # JPEG: decode smaller
-                im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.BICUBIC)
+                small = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.BICUBIC)
+                return small if small.mode == "RGB" else small.convert("RGB")
             return im.convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise InputError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e})") from None
