@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import (IM_END, NONNEGATIVE, NONNEGATIVE_FLOAT, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Budget,
-                    atomic_path, load_image, main_cli, render, write_jsonl)
+from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, render
+from data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
 from infer import Engine, Sample, Settings
 from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
                         cell_box, draw_object, fmt_box, probe_sample, scene)

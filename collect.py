@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IM_END, IM_START, IMAGE, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, ROOT,
-                    SHARE, TINY_BUDGET, Episode, InputError, grade, has_special, load_image, main_cli,
-                    read_records, write_jsonl)
+from common import Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, grade, has_special
+from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
+                  main_cli, read_records, write_jsonl)
 from infer import Engine, Sample, Settings
 from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
 from model import load, pick_device, resolve_checkpoint

@@ -1,27 +1,25 @@
-"""What every stage must agree on: Mini-o3's protocol, the crop tool, tokens and positions, grading, files.
+"""What every stage must agree on: Mini-o3's protocol, the crop tool, tokens and positions, grading.
 
   * the conversation format (system prompt, first user turn, observation and error turns),
   * `parse_action`, the strict parser of what the model wrote in one assistant turn,
   * `Episode`, the state of one search: the images seen so far and the crop tool that adds one,
   * chunks and M-RoPE positions (`encode_chunk`, `rope_positions`) and `render`, which replays a
     trajectory into exactly the tokens the engine would have produced,
-  * `grade`, the verifiable reward, and JSONL reading/writing with atomic saving.
-The model itself (loading, the tiny model, checkpoints) is in model.py.
+  * `grade`, the verifiable reward.
+Files and input checking are in data.py; the model (loading, the tiny model, checkpoints) in model.py.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from data import SPECIAL_TOKEN, InputError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -58,18 +56,15 @@ def observation_text(action_index: int, observation_index: int) -> str:
             "is confirmed, put it inside <answer> and </answer>.")
 
 
-_SPECIAL = re.compile(r"<\|([A-Za-z_]{1,30})\|>")
-
-
 def neutralise(text: str) -> str:
     """User text (a question, an error that quotes the model) with every special-token string such
     as <|im_start|> or <|image_pad|> broken up ("< |im_start|>"), so it is read as plain text: it
     can never open a turn or claim an image."""
-    return _SPECIAL.sub(lambda m: "< |" + m.group(1) + "|>", text)
+    return SPECIAL_TOKEN.sub(lambda m: "< |" + m.group(1) + "|>", text)
 
 
 def has_special(text: str) -> bool:
-    return bool(_SPECIAL.search(text))
+    return bool(SPECIAL_TOKEN.search(text))
 
 
 def error_text(reason: str) -> str:
@@ -293,7 +288,7 @@ class Episode:
             self.boxes.append((ox + x0, oy + y0, ox + x1, oy + y1))
             self.shown.append(self.budget.resize(crop))
             self.crops.append({"source": action.source, "bbox": action.bbox,
-                               "pixel_box": list(self.boxes[-1])})
+                               "pixel_box": list(self.boxes[-1]), "shown": list(self.shown[-1].size)})
             return observation_text(index, len(self.images) - 1), self.shown[-1]
         self.errors += 1
         return error_text(action.error or "invalid call"), None
@@ -416,273 +411,3 @@ def grade(answer: str | None, row: dict) -> float:
             letter = "ABCDEFGH"[texts.index(normalise(answer))] if normalise(answer) in texts else None
         return float(letter == str(row["solution"]).strip().upper())
     return float(normalise(answer) == normalise(str(row["solution"])))
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input: one exception for what the user can fix, errors that name the file, line and field.
-# ----------------------------------------------------------------------------------------------
-class InputError(ValueError):
-    """Input the user can fix (a record, a file, a flag, a folder). `main_cli` prints it in one line."""
-
-
-def main_cli(main):
-    """Run a script's main(): an InputError ends it with one line on stderr and exit status 1
-    (argparse's own errors about flags exit with 2)."""
-    try:
-        main()
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def flag(kind: type, low=None, high=None, low_open: bool = False):
-    """An argparse type: a number of `kind` within [low, high] ((low, high] with low_open)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} "
-                                             f"{kind.__name__}") from None
-        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-                or (high is not None and value > high):
-            lo = "any" if low is None else f"{'>' if low_open else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {lo}"
-                                             f"{'' if high is None else f' and <= {high}'})")
-        return value
-    return parse
-
-
-POSITIVE = flag(int, 1)                       # steps, batch sizes, turns, counts
-NONNEGATIVE = flag(int, 0)
-RATE = flag(float, 0.0, low_open=True)        # learning rates: > 0
-NONNEGATIVE_FLOAT = flag(float, 0.0)          # temperature, weights of extra losses
-PROBABILITY = flag(float, 0.0, 1.0, low_open=True)   # top-p: (0, 1]
-SHARE = flag(float, 0.0, 1.0)
-
-
-def turn_caps(text: str) -> list[int]:
-    """--turn-caps "1,2,4": positive integers."""
-    try:
-        caps = sorted({int(c) for c in text.split(",")})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not caps or caps[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every turn cap must be at least 1")
-    return caps
-
-
-# ----------------------------------------------------------------------------------------------
-# Records: read and validated once, before any work, by every stage.
-# ----------------------------------------------------------------------------------------------
-MAX_QUESTION_CHARS = 4000              # a longer question is refused (a token cap also applies in render)
-MAX_IMAGE_PIXELS = 64_000_000          # larger images are scaled down to this on loading (memory)
-_TEXT = (str,)
-_ID = (str, int)
-RECORD_FIELDS = {   # field: (accepted JSON types, what it must be)
-    "images": (list, "a non-empty list of image paths"),
-    "problem": (_TEXT, "a string (the question)"),
-    "solution": ((str, int, float), "the answer (a string or a number)"),
-    "doc_id": (_ID, "a string or integer id"),
-    "difficulty": (_TEXT, "a string"),
-    "options": (list, "a list of strings"),
-    "turns": (list, "a non-empty list of assistant turns (strings)"),
-    "task": (_TEXT, "a string (a base task)"),
-}
-QUESTION_FIELDS = ("images", "problem", "solution", "doc_id")
-
-
-def _check_field(row: dict, key: str, need: bool) -> str | None:
-    if key not in row:
-        return f"field {key!r} is missing" if need else None
-    types, what = RECORD_FIELDS[key]
-    value = row[key]
-    ok = isinstance(value, types) and not isinstance(value, bool)
-    if ok and key in ("images", "turns", "options"):
-        items = [t["text"] if key == "turns" and isinstance(t, dict) and "text" in t else t for t in value]
-        ok = (bool(value) or key == "options") and all(isinstance(t, str) and t for t in items)
-    if not ok:
-        return f"field {key!r} must be {what}, got {json.dumps(value)[:60]}"
-    if key == "problem" and len(value) > MAX_QUESTION_CHARS:
-        return f"field 'problem' has {len(value)} characters (at most {MAX_QUESTION_CHARS})"
-    if key == "turns" and any(_SPECIAL.search(t if isinstance(t, str) else t["text"]) for t in value):
-        return "field 'turns' holds a special token such as <|image_pad|> (junk: drop the record)"
-    return None
-
-
-def image_path(row: dict, root: str | os.PathLike) -> Path:
-    """The record's first image: absolute, or relative to `root` (the data file's folder) and then
-    never outside it."""
-    name = row["images"][0]
-    path = Path(name)
-    if path.is_absolute():
-        return path
-    full = (Path(root) / path).resolve()
-    if not full.is_relative_to(Path(root).resolve()):
-        raise InputError(f"image path {name!r} leaves the data folder {root}")
-    return full
-
-
-def check_image(path: Path) -> str | None:
-    """None if the file is a readable image, else what is wrong with it."""
-    if not path.is_file():
-        return f"image {path} not found"
-    try:
-        with Image.open(path) as im:
-            im.verify()      # the header and (for PNG) every chunk's checksum: a cut file fails
-    except Exception as e:   # PIL raises many kinds
-        return f"image {path} cannot be read ({type(e).__name__}: {e})"
-    return None
-
-
-def read_records(path: str | os.PathLike, need=QUESTION_FIELDS, images: bool = True) -> list[dict]:
-    """The records of a JSONL file, every one checked before any work is done: the fields in `need`
-    present (a tuple in `need`: one of them) and of the right type (optional known fields too), and
-    with `images`, each first image inside the data folder (unless absolute), present and
-    decodable. Any fault raises an InputError naming the file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    rows = []
-    required = {k for k in need if isinstance(k, str)}
-    for lineno, row in _jsonl_lines(path):
-        for key in RECORD_FIELDS:
-            problem = _check_field(row, key, key in required)
-            if problem:
-                raise InputError(f"{path}:{lineno}: {problem}")
-        for choice in (k for k in need if isinstance(k, tuple)):
-            if not any(k in row for k in choice):
-                raise InputError(f"{path}:{lineno}: needs one of the fields {', '.join(map(repr, choice))}")
-        if images and "images" in row:
-            try:
-                problem = check_image(image_path(row, path.parent))
-            except InputError as e:
-                problem = str(e)
-            if problem:
-                raise InputError(f"{path}:{lineno}: {problem}")
-        rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: no records")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: JSONL with line-numbered errors; everything written to a temporary name, then renamed.
-# ----------------------------------------------------------------------------------------------
-def _jsonl_lines(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.strip())
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    return [row for _, row in _jsonl_lines(path)]
-
-
-def load_image(row: dict, root: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """The record's (first) image as RGB, scaled down if it has more than `max_pixels` pixels."""
-    where = f"record {row.get('doc_id', '?')}"
-    if not isinstance(row.get("images"), list) or not row["images"] or not isinstance(row["images"][0], str):
-        raise InputError(f"{where}: field 'images' must be a non-empty list of paths")
-    path = image_path(row, root)
-    if not path.is_file():
-        raise InputError(f"{where}: image {path} not found")
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                scale = math.sqrt(max_pixels / (im.width * im.height))
-                im.draft("RGB", (int(im.width * scale), int(im.height * scale)))   # JPEG: decode smaller
-                small = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.BICUBIC)
-                return small if small.mode == "RGB" else small.convert("RGB")
-            return im.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(f"{where}: image {path} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def _leftovers(path: Path):
-    """Temporary and old copies beside `path` that a killed process left: name.tmp<pid>, name.old<pid>."""
-    for p in path.parent.glob(path.name + ".*"):
-        m = re.fullmatch(re.escape(path.name) + r"\.(tmp|old)(\d+)", p.name)
-        if m:
-            yield p, m.group(1), int(m.group(2))
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-COMPLETE = ".complete"   # written last into a folder being saved: the folder is whole
-
-
-def recover(path: str | os.PathLike) -> None:
-    """Finish or undo a folder swap that a kill interrupted, and clean what killed processes left.
-
-    `atomic_path` swaps a folder in three steps (move the old one aside, move the new one in,
-    delete the old one); at every instant one complete copy exists. If `path` is missing, the
-    newest complete new copy (name.tmp<pid> holding the .complete mark) takes its place, else the
-    old one (name.old<pid>). Leftovers of processes that are no longer running are removed."""
-    path = Path(path)
-    left = [(p, kind, pid) for p, kind, pid in _leftovers(path) if not _alive(pid)]
-    if not path.exists():
-        done = [p for p, kind, _ in left if kind == "tmp" and (p / COMPLETE).exists()]
-        old = [p for p, kind, _ in left if kind == "old"]
-        pick = max(done, key=lambda p: p.stat().st_mtime) if done else (old[0] if old else None)
-        if pick is not None:
-            os.replace(pick, path)
-            print(f"recovered {path} from {pick.name} (a save was interrupted)")
-    for p, _, _ in left:
-        if p.exists():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success it replaces `path` (file or folder).
-    A file is replaced by one atomic rename; a folder by the three steps `recover` can finish."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-    if tmp.is_dir():
-        (tmp / COMPLETE).touch()
-    if tmp.is_dir() and path.exists():
-        old = path.with_name(path.name + f".old{os.getpid()}")
-        _rename(path, old)
-        _rename(tmp, path)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        _rename(tmp, path)
-
-
-def _rename(src: Path, dst: Path):
-    os.replace(src, dst)     # (one place, so that a test can kill the process between two renames)
-
-
-def write_jsonl(path: str | os.PathLike, rows) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import (NONNEGATIVE, NONNEGATIVE_FLOAT, PLAIN_SYSTEM_PROMPT, POSITIVE, InputError, atomic_path,
-                    grade, load_image, main_cli, read_records, turn_caps, write_jsonl)
+from common import PLAIN_SYSTEM_PROMPT, grade, normalise
+from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, atomic_path, load_image, main_cli,
+                  read_records, turn_caps, write_jsonl)
+import report
 from infer import Engine, Sample, Settings, draw_search
 from model import load, pick_device, resolve_checkpoint
 
@@ -54,6 +56,114 @@ def correct_at_cap(t: dict, cap: int) -> bool:
     return bool(t["correct"] and t["answered"] and t["turns"] <= cap)
 
 
+# ----------------------------------------------------------------------------------------------
+# Why a search failed (records with a target box: the synthetic probe)
+# ----------------------------------------------------------------------------------------------
+READABLE_PX = 24      # an object counts as seen when a crop shows it at least this many pixels high
+OUTCOMES = ["right", "named a look-alike", "saw the target, answered wrong",
+            "answered without seeing the target", "no answer", "turn too long", "out of turns",
+            "out of context", "wrong (no target box)"]
+_BOX = re.compile(r"\[\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*\]")
+
+
+def seen(box: list[float], crop: dict) -> bool:
+    """Was the object with this pixel box (in the original) inside the crop, shown large enough to read?"""
+    x0, y0, x1, y1 = crop["pixel_box"]
+    inside = box[0] >= x0 and box[1] >= y0 and box[2] <= x1 and box[3] <= y1
+    return inside and (box[3] - box[1]) * crop["shown"][1] / (y1 - y0) >= READABLE_PX
+
+
+def listed_boxes(text: str) -> list[list[float]]:
+    """The relative boxes a turn's thought lists ("The red objects: [0.125, ...], [...]"), calls excluded."""
+    thought = text.split("<grounding>")[0]
+    return [[float(v) for v in m.groups()] for m in _BOX.finditer(thought)]
+
+
+def diagnose(t: dict) -> dict:
+    """Why one trajectory ended as it did: `outcome`, one of OUTCOMES (the first that applies), and
+    flags: was the target ever seen readable, did the opening list of candidates hold it, how many
+    zooms repeated an earlier box, how many calls were invalid."""
+    target, crops = t.get("target_bbox"), t["crops"]
+    saw = target is not None and any(seen(target, c) for c in crops)
+    objects = t.get("objects") or []
+    in_view = [o for o in objects if o["box"] != target and any(seen(o["box"], c) for c in crops)]
+    answer = normalise(t["answer"]) if t["answer"] is not None else None
+    named_other = any(answer == normalise(o["glyph"]) for o in in_view)
+    listed = listed_boxes(t["turn_texts"][0]) if t["turn_texts"] else []
+    has_target = None
+    if listed and target is not None and t.get("image_size"):
+        w, h = t["image_size"]
+        cx, cy = (target[0] + target[2]) / 2 / w, (target[1] + target[3]) / 2 / h
+        has_target = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in listed)
+    boxes = [tuple(c["pixel_box"]) for c in crops]
+    if t["correct"]:
+        outcome = "right"
+    elif t["exceeded"]:
+        outcome = "out of context" if t.get("over_length") else "out of turns"
+    elif t["truncated"]:
+        outcome = "turn too long"
+    elif not t["answered"]:
+        outcome = "no answer"
+    elif target is None:
+        outcome = "wrong (no target box)"
+    else:
+        outcome = ("named a look-alike" if named_other else "saw the target, answered wrong" if saw
+                   else "answered without seeing the target")
+    return {"outcome": outcome, "saw_target": saw, "list_has_target": has_target,
+            "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"]}
+
+
+def failure_table(trajs: list[dict]) -> dict:
+    """Per difficulty (and "all"): the share of each outcome, and the flags' rates."""
+    groups = {d: [t for t in trajs if t["difficulty"] == d] for d in sorted({t["difficulty"] for t in trajs})}
+    out = {}
+    for d, ts in {**groups, "all": trajs}.items():
+        ds = [diagnose(t) for t in ts]
+        listed = [x["list_has_target"] for x in ds if x["list_has_target"] is not None]
+        shares = {o: sum(x["outcome"] == o for x in ds) / len(ds) for o in OUTCOMES}
+        out[d] = {"n": len(ts), "outcomes": shares,
+                  "saw_target": float(np.mean([x["saw_target"] for x in ds])),
+                  "list_has_target": float(np.mean(listed)) if listed else None,
+                  "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
+                  "invalid_calls": float(np.mean([x["invalid_calls"] > 0 for x in ds]))}
+    return out
+
+
+def print_failures(table: dict):
+    used = [o for o in OUTCOMES if any(r["outcomes"][o] for r in table.values())]
+    print(f"\n{'why':36}" + "".join(f"{d:>9}" for d in table))
+    for o in used:
+        print(f"{o:36}" + "".join(f"{r['outcomes'][o]:9.2f}" for r in table.values()))
+    for flag in ("saw_target", "list_has_target", "repeated_zooms", "invalid_calls"):
+        cells = ["      -  " if r[flag] is None else f"{r[flag]:9.2f}" for r in table.values()]
+        print(f"{flag.replace('_', ' '):36}" + "".join(cells))
+
+
+def bar_chart(table: dict, path: Path, title: str):
+    """One stacked bar per difficulty: the share of each outcome (drawn with PIL)."""
+    used = [o for o in OUTCOMES if any(r["outcomes"][o] for r in table.values())]
+    colours = [(44, 160, 44), (214, 39, 40), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+               (31, 119, 180), (23, 190, 207), (127, 127, 127)]
+    W, H, L, T, bar = 760, 60 + 34 * len(table) + 20 * len(used), 80, 40, 22
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.text((L, 12), title, fill="black")
+    span = W - L - 30
+    for i, (name, r) in enumerate(table.items()):
+        y, x = T + 34 * i, L
+        d.text((8, y + 5), f"{name} ({r['n']})", fill="black")
+        for o in used:
+            w = r["outcomes"][o] * span
+            d.rectangle([x, y, x + w, y + bar], fill=colours[OUTCOMES.index(o)])
+            x += w
+    for j, o in enumerate(used):
+        y = T + 34 * len(table) + 20 * j
+        d.rectangle([L, y + 2, L + 14, y + 14], fill=colours[OUTCOMES.index(o)])
+        d.text((L + 22, y + 2), o, fill="black")
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
 def summarise(trajs: list[dict], caps: list[int]) -> dict:
     """Every figure of results.json, computed from the trajectory records alone."""
     by = lambda key: sorted({t[key] for t in trajs})
@@ -75,6 +185,7 @@ def summarise(trajs: list[dict], caps: list[int]) -> dict:
         "exceeded_rate": float(np.mean([t["exceeded"] for t in trajs])),
         "tool_error_rate": float(np.mean([t["tool_errors"] > 0 for t in trajs])),
         "n_questions": len({t["doc_id"] for t in trajs}), "n_trajectories": len(trajs),
+        "failures": failure_table(trajs),
     }
 
 
@@ -84,7 +195,7 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabe
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     caps = sorted({int(c) for s in series.values() for c in s})
-    x = lambda c: L + (W - L - R) * (caps.index(c) / max(1, len(caps) - 1))
+    x = lambda c: L + (W - L - R) * (c - caps[0]) / max(1, caps[-1] - caps[0])   # each x at its true place
     y = lambda v: H - B - (H - T - B) * v
     d.text((L, 12), title, fill="black")
     for v in np.linspace(0, 1, 6):
@@ -124,6 +235,7 @@ def compare(dirs: list[str], out: Path):
     line_plot({f"{n} {d}": s for n, r in runs.items() for d, s in {**r["by_turn_cap_difficulty"],
                                                                    "all": r["by_turn_cap"]}.items()}, out,
               " vs ".join(runs))
+    print(f"report: {report.write_compare(out, runs)}")
 
 
 def parse_args(argv=None):
@@ -172,7 +284,9 @@ def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
     return [{"doc_id": r["doc_id"], "difficulty": r.get("difficulty", "all"), "sample": k % args.samples,
              "solution": r["solution"], "answer": t.answer, "correct": bool(c), "answered": t.answered,
              "turns": t.turns, "zooms": len(t.crops), "exceeded": t.exceeded, "truncated": t.truncated,
-             "tool_errors": t.tool_errors, "crops": t.crops, "turn_texts": t.turn_texts}
+             "tool_errors": t.tool_errors, "over_length": t.over_length, "crops": t.crops,
+             "turn_texts": t.turn_texts, "image_size": t.image_size, "target_bbox": r.get("target_bbox"),
+             "objects": r.get("objects")}
             for k, (t, r, c) in enumerate(zip(results, flat_rows, correct))]
 
 
@@ -209,12 +323,17 @@ def main(argv: list[str] | None = None):
         tmp.write_text(json.dumps(res, indent=1))
     series = {**res["by_turn_cap_difficulty"], "all": res["by_turn_cap"]}
     line_plot(series, out / "turn_scaling.png", f"{Path(args.model).name} on {Path(args.data).name}")
+    bar_chart(res["failures"], out / "failures.png", f"why searches ended: {Path(args.model).name}")
+    page = report.write(out, res, trajs, lambda i: load_image(rows[i // args.samples], root),
+                        f"{Path(args.model).name} on {Path(args.data).name}", diagnose)
     (out / "examples").mkdir(exist_ok=True)
     for i in [i for i, t in enumerate(trajs) if t["crops"]][: args.examples]:
         t = trajs[i]
         name = f"{i:03d}_{t['difficulty']}_{'right' if t['correct'] else 'wrong'}.png"
         draw_search(load_image(rows[i // args.samples], root), t["crops"], out / "examples" / name)
     print_summary(res, caps, out)
+    print_failures(res["failures"])
+    print(f"report: {page}")
     return res
 
 

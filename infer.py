@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (IM_END, MAX_QUESTION_CHARS, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, STOP_STRINGS,
-                    SYSTEM_PROMPT, Episode, InputError, encode_chunk, image_token_count, load_image, main_cli,
+from common import (Episode, IM_END, STOP_STRINGS, SYSTEM_PROMPT, encode_chunk, image_token_count,
                     prompt_text, tool_turn_text)
+from data import (InputError, MAX_QUESTION_CHARS, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, load_image,
+                  main_cli)
 from decoder import Decoder
 from model import load, pick_device
 
@@ -59,6 +60,7 @@ class Trajectory:
     turn_texts: list[str] = field(default_factory=list)
     crops: list[dict] = field(default_factory=list)
     shown: list[Image.Image] = field(default_factory=list)   # every image as the model saw it
+    image_size: tuple[int, int] | None = None                # the original image's (width, height)
     answer: str | None = None
     answered: bool = False
     exceeded_turns: bool = False         # called the tool on its last allowed turn (or out of images)
@@ -172,6 +174,7 @@ class Slot:
         t = self.traj
         t.token_ids, t.sampled_mask, t.logprobs = self.ids, self.sampled, self.logprobs
         t.crops, t.shown, t.tool_errors = self.episode.crops, self.episode.shown, self.episode.errors
+        t.image_size = self.episode.images[0].size if self.episode.images else None
         return t
 
 

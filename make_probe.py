@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import NONNEGATIVE, TINY_BUDGET, WORDS, Budget, InputError, atomic_path, main_cli, write_jsonl
+from common import Budget, TINY_BUDGET, WORDS
+from data import InputError, NONNEGATIVE, atomic_path, main_cli, write_jsonl
 
 GRID = 8
 COLOURS = {"red": (214, 40, 40), "green": (36, 150, 60), "blue": (40, 80, 214), "yellow": (236, 196, 24)}
@@ -197,12 +198,15 @@ def write_probe(out: Path, n_train: int, n_test: int, seed: int) -> dict:
         for i in range(n):
             level = list(LEVELS)[i % 3]    # test is balanced; train cycles the levels too
             rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
-            img, fields, _ = probe_sample(rng, level)
+            img, fields, placed = probe_sample(rng, level)
             name = f"images/{split}_{i:06d}.png"
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")
+            # hidden fields, for the failure analysis only (no searcher reads them): every object
+            objects = [{k: o[k] for k in ("colour", "shape", "glyph", "box")} for o in placed]
             rows.append({"images": [name], **{k: fields[k] for k in ("problem", "solution")},
-                         "data_source": "synthetic_probe", "doc_id": f"{split}-{seed}-{i:06d}", **fields})
+                         "data_source": "synthetic_probe", "doc_id": f"{split}-{seed}-{i:06d}", **fields,
+                         "objects": objects})
         write_jsonl(out / f"{split}.jsonl", rows)
         summary[split] = rows
     return summary

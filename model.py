@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, TINY_MAX_PIXELS, TINY_MIN_PIXELS, Budget,
-                    ROOT, WORDS, InputError, atomic_path, error_text, observation_text, recover,
-                    rope_positions)
+from common import (Budget, IM_END, PLAIN_SYSTEM_PROMPT, ROOT, SYSTEM_PROMPT, TINY_MAX_PIXELS,
+                    TINY_MIN_PIXELS, WORDS, error_text, observation_text, rope_positions)
+from data import InputError, atomic_path, recover
 
 TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
 

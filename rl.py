@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, grade, load_image, main_cli,
-                    read_records)
+from common import grade
+from data import (NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, load_image, main_cli,
+                  read_records)
 from eval import judge
 from infer import Engine, Sample, Settings
 from model import (check_finite, collate, load, pick_device, resolve_checkpoint, save_checkpoint,

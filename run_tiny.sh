@@ -19,3 +19,5 @@ python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out run
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite
 python eval.py --compare runs/tiny/eval_sft runs/tiny/eval_rl --out runs/tiny/compare.png
 echo; echo "done in $(( $(date +%s) - T0 ))s"
+echo "report of the RL model: runs/tiny/eval_rl/report.html"
+echo "comparison: runs/tiny/compare.html"

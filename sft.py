@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (NONNEGATIVE, PLAIN_SYSTEM_PROMPT, POSITIVE, RATE, SHARE, SYSTEM_PROMPT, InputError,
-                    append_jsonl, grade, load_image, main_cli, read_jsonl, read_records, render)
+from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, grade, render
+from data import (InputError, NONNEGATIVE, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
+                  read_jsonl, read_records)
 from eval import line_plot
 from infer import Engine, Sample, Settings
 from model import (check_finite, collate, pick_device, save_checkpoint, seed_everything, start_run,

@@ -17,8 +17,8 @@ import infer
 import make_probe
 import rl
 import sft
-from common import (IM_START, MAX_QUESTION_CHARS, InputError, load_image, prompt_text, read_jsonl, read_records,
-                    render, write_jsonl)
+from common import IM_START, prompt_text, render
+from data import InputError, MAX_QUESTION_CHARS, load_image, read_jsonl, read_records, write_jsonl
 from infer import Engine, Sample
 from model import resolve_checkpoint, save_checkpoint, start_run
 
@@ -139,7 +139,7 @@ def test_paths_from_data_cannot_leave_their_folder(tmp_path):
 KILLER = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
-    import common
+    import data
     from model import build_tiny, save_checkpoint
     model, proc = build_tiny(seed=1)
     renames = []
@@ -148,9 +148,9 @@ KILLER = textwrap.dedent("""
             os._exit(9)                      # killed: no cleanup, no exception handler runs
         renames.append(src)
         os.replace(src, dst)
-    common._rename = rename
+    data._rename = rename
     if {kill_after} == 2:                    # both renames done: killed before the old copy is deleted
-        common.shutil.rmtree = lambda *a, **k: os._exit(9)
+        data.shutil.rmtree = lambda *a, **k: os._exit(9)
     save_checkpoint(model, proc, {out!r}, {{"trainer_state.pt": {{"step": 7}}}})
 """)
 

@@ -40,7 +40,7 @@ def test_base_pretraining_runs_through_the_sft_trainer_and_resumes(tmp_path, mon
     """base.py: vision-only sheets and language tasks with the auxiliary head, held-out evaluation,
     and a kill at step 3 that resumes to the same losses (the aux head's state included)."""
     import base
-    from common import read_jsonl
+    from data import read_jsonl
     base.write_base(tmp_path / "data", 0, 10, seed=7)
 
     def run(out, *extra):

@@ -1,16 +1,18 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import eval as ev
-from common import read_jsonl
+from data import read_jsonl
 from model import save_checkpoint
 
 
 def _t(doc, diff, correct, answered, turns, zooms=1, sample=0, exceeded=False):
     return {"doc_id": doc, "difficulty": diff, "sample": sample, "correct": correct, "answered": answered,
-            "turns": turns, "zooms": zooms, "exceeded": exceeded, "tool_errors": 0}
+            "turns": turns, "zooms": zooms, "exceeded": exceeded, "tool_errors": 0, "truncated": False,
+            "answer": "x" if answered else None, "crops": [], "turn_texts": []}
 
 
 def test_turn_caps_are_derived_from_the_same_trajectories():
@@ -26,7 +28,7 @@ def test_turn_caps_are_derived_from_the_same_trajectories():
 def test_eval_cli_results_agree_with_its_trajectories(tiny, probe_dir, tmp_path):
     model, proc = tiny
     save_checkpoint(model, proc, tmp_path / "ck")
-    res = ev.main(["--model", str(tmp_path / "ck"), "--data", str(probe_dir / "test.jsonl"), "--out", str(tmp_path / "ev"),
+    ev.main(["--model", str(tmp_path / "ck"), "--data", str(probe_dir / "test.jsonl"), "--out", str(tmp_path / "ev"),
                    "--turn-caps", "1,2,3", "--samples", "2", "--max-turn-tokens", "10", "--examples", "2"])
     trajs = read_jsonl(tmp_path / "ev" / "trajectories.jsonl")
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -37,3 +39,77 @@ def test_eval_cli_results_agree_with_its_trajectories(tiny, probe_dir, tmp_path)
     assert saved["overall"] == np.mean([t["correct"] and t["answered"] and t["turns"] <= 3 for t in trajs])
     assert {"overall", "by_difficulty", "by_turn_cap", "mean_turns_correct"} <= set(saved)
     assert Image.open(tmp_path / "ev" / "turn_scaling.png").size == (640, 420)
+    assert Image.open(tmp_path / "ev" / "failures.png").size[0] == 760
+    assert saved["failures"]["all"]["n"] == len(trajs)
+    assert sum(saved["failures"]["all"]["outcomes"].values()) == pytest.approx(1.0)
+    assert trajs[0]["objects"] and trajs[0]["target_bbox"] and trajs[0]["image_size"]
+
+
+def _search(answer, crops, first="", **kw):
+    """A hard-level search (1536 px image) for the character on the target at [100, 100, 156, 156]."""
+    objects = [{"colour": "red", "shape": "square", "glyph": "3", "box": [100, 100, 156, 156]},
+               {"colour": "red", "shape": "circle", "glyph": "7", "box": [300, 100, 356, 156]}]
+    t = {"doc_id": "q", "difficulty": "hard", "sample": 0, "correct": answer == "3", "answered": answer is not None,
+         "answer": answer, "turns": len(crops) + 1, "zooms": len(crops), "exceeded": False, "truncated": False,
+         "tool_errors": 0, "crops": crops, "turn_texts": [first + "<grounding>x</grounding>"],
+         "target_bbox": objects[0]["box"], "objects": objects, "image_size": [1536, 1536]}
+    return {**t, **kw}
+
+
+def _crop(box, shown):
+    return {"pixel_box": box, "shown": [shown, shown]}
+
+
+def test_failure_analysis_says_why_each_search_ended():
+    cell = lambda x: _crop([x, 0, x + 192, 192], 196)           # one cell: the object is ~57 px high
+    quarter = _crop([0, 0, 768, 768], 224)                      # a quarter: ~16 px, too small to read
+    assert ev.seen([100, 100, 156, 156], cell(0)) and not ev.seen([100, 100, 156, 156], quarter)
+    cases = {
+        "right": _search("3", [cell(0)]),
+        "named a look-alike": _search("7", [cell(192)]),
+        "saw the target, answered wrong": _search("E", [cell(0)]),
+        "answered without seeing the target": _search("E", [quarter]),
+        "out of turns": _search(None, [cell(0)] * 6, exceeded=True),
+        "turn too long": _search(None, [], truncated=True),
+        "no answer": _search(None, [cell(192)]),
+    }
+    for outcome, t in cases.items():
+        assert ev.diagnose(t)["outcome"] == outcome, outcome
+    # the opening list: does one of its boxes hold the target's centre (0.083, 0.083)?
+    assert ev.diagnose(_search("3", [], first="The red objects: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625]."))[
+        "list_has_target"] is True
+    assert ev.diagnose(_search("3", [], first="The red objects: [0.5, 0.5, 0.625, 0.625]."))["list_has_target"] is False
+    assert ev.diagnose(_search("3", []))["list_has_target"] is None
+    assert ev.diagnose(cases["out of turns"])["repeated_zooms"] == 5
+    table = ev.failure_table(list(cases.values()))
+    assert table["hard"]["n"] == 7 and table["hard"]["outcomes"]["named a look-alike"] == pytest.approx(1 / 7)
+    assert table["all"]["saw_target"] == pytest.approx(3 / 7)
+
+
+def test_report_page_is_well_formed_and_holds_every_trajectory_and_the_numbers(tiny, probe_dir, tmp_path):
+    import xml.etree.ElementTree as ET
+    model, proc = tiny
+    save_checkpoint(model, proc, tmp_path / "ck")
+    res = ev.main(["--model", str(tmp_path / "ck"), "--data", str(probe_dir / "test.jsonl"), "--out", str(tmp_path / "a"),
+                   "--turn-caps", "1,2", "--samples", "2", "--max-turn-tokens", "12"])
+    page = (tmp_path / "a" / "report.html").read_text(encoding="utf-8")
+    root = ET.fromstring(page.split("\n", 1)[1])            # well-formed XHTML (after the DOCTYPE line)
+    ns = {"h": "http://www.w3.org/1999/xhtml"}
+    rows = [d for d in root.iter("{http://www.w3.org/1999/xhtml}div") if "traj" in d.get("class", "").split()]
+    assert len(rows) == res["n_trajectories"] == 12
+    outcomes = {d.get("data-outcome") for d in rows}
+    assert outcomes <= set(ev.OUTCOMES)
+    cells = [td.text for td in root.iterfind(".//h:table[1]//h:td", ns)]
+    for cap, p in res["by_turn_cap"].items():                 # the headline numbers are results.json's
+        assert any(c and c.startswith(f"{p:.3f} ± ") for c in cells), cap
+    for name in [i.get("src") for i in root.iter("{http://www.w3.org/1999/xhtml}img")]:
+        assert (tmp_path / "a" / name).is_file(), name     # every picture is a file beside the page
+    ev.main(["--model", str(tmp_path / "ck"), "--data", str(probe_dir / "test.jsonl"), "--out", str(tmp_path / "b"),
+             "--turn-caps", "1,2", "--max-turn-tokens", "12"])
+    ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.png")])
+    ET.fromstring((tmp_path / "cmp.html").read_text(encoding="utf-8").split("\n", 1)[1])
+
+
+def test_report_text_is_escaped_and_free_of_control_characters():
+    import report
+    assert report.esc("<b>\x00\x1b & 'x'") == "&lt;b&gt;\ufffd\ufffd &amp; &#x27;x&#x27;"

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common import encode_chunk, image_token_count, prompt_text, read_jsonl, write_jsonl
+from common import encode_chunk, image_token_count, prompt_text
+from data import read_jsonl, write_jsonl
 from model import SPECIAL_TOKENS, load, save_checkpoint
 
 

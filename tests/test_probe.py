@@ -9,7 +9,7 @@ from PIL import Image
 
 import base
 import make_probe
-from common import read_jsonl
+from data import read_jsonl
 
 
 def _digest(folder):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rl
-from common import load_image, read_jsonl
+from data import load_image, read_jsonl
 from infer import Engine, Sample
 from model import collate, load, save_checkpoint, token_logprobs
 

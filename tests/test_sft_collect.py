@@ -8,7 +8,8 @@ import torch
 import base
 import collect
 import sft
-from common import IM_END, TINY_BUDGET, encode_chunk, load_image, read_jsonl, render, write_jsonl
+from common import IM_END, TINY_BUDGET, encode_chunk, render
+from data import load_image, read_jsonl, write_jsonl
 from infer import Engine, Sample
 from model import save_checkpoint
 
