@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from common import PLAIN_SYSTEM_PROMPT, grade, normalise
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, atomic_path, load_image, main_cli,
@@ -60,7 +60,7 @@ def correct_at_cap(t: dict, cap: int) -> bool:
 # Why a search failed (records with a target box: the synthetic probe)
 # ----------------------------------------------------------------------------------------------
 READABLE_PX = 24      # an object counts as seen when a crop shows it at least this many pixels high
-OUTCOMES = ["right", "named a look-alike", "saw the target, answered wrong",
+OUTCOMES = ["right", "named another object in view", "saw the target, answered wrong",
             "answered without seeing the target", "no answer", "turn too long", "out of turns",
             "out of context", "wrong (no target box)"]
 _BOX = re.compile(r"\[\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*\]")
@@ -107,7 +107,7 @@ def diagnose(t: dict) -> dict:
     elif target is None:
         outcome = "wrong (no target box)"
     else:
-        outcome = ("named a look-alike" if named_other else "saw the target, answered wrong" if saw
+        outcome = ("named another object in view" if named_other else "saw the target, answered wrong" if saw
                    else "answered without seeing the target")
     return {"outcome": outcome, "saw_target": saw, "list_has_target": has_target,
             "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"]}
@@ -144,9 +144,10 @@ def bar_chart(table: dict, path: Path, title: str):
     used = [o for o in OUTCOMES if any(r["outcomes"][o] for r in table.values())]
     colours = [(44, 160, 44), (214, 39, 40), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194),
                (31, 119, 180), (23, 190, 207), (127, 127, 127)]
-    W, H, L, T, bar = 760, 60 + 34 * len(table) + 20 * len(used), 80, 40, 22
+    W, H, L, T, bar = 760, 60 + 34 * len(table) + 20 * len(used), 110, 40, 22
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
+    d.font = _font()
     d.text((L, 12), title, fill="black")
     span = W - L - 30
     for i, (name, r) in enumerate(table.items()):
@@ -189,11 +190,20 @@ def summarise(trajs: list[dict], caps: list[int]) -> dict:
     }
 
 
+def _font(size: int = 13):
+    """Pillow's scalable default font (readable labels); its old bitmap font if FreeType is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabel: str = "turn cap"):
     """Accuracy against turn cap (or any x), one line per series (drawn with PIL: no plotting library)."""
     W, H, L, R, T, B = 640, 420, 64, 130, 40, 50
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
+    d.font = _font()
     caps = sorted({int(c) for s in series.values() for c in s})
     x = lambda c: L + (W - L - R) * (c - caps[0]) / max(1, caps[-1] - caps[0])   # each x at its true place
     y = lambda v: H - B - (H - T - B) * v

@@ -66,7 +66,7 @@ def test_failure_analysis_says_why_each_search_ended():
     assert ev.seen([100, 100, 156, 156], cell(0)) and not ev.seen([100, 100, 156, 156], quarter)
     cases = {
         "right": _search("3", [cell(0)]),
-        "named a look-alike": _search("7", [cell(192)]),
+        "named another object in view": _search("7", [cell(192)]),
         "saw the target, answered wrong": _search("E", [cell(0)]),
         "answered without seeing the target": _search("E", [quarter]),
         "out of turns": _search(None, [cell(0)] * 6, exceeded=True),
@@ -82,7 +82,7 @@ def test_failure_analysis_says_why_each_search_ended():
     assert ev.diagnose(_search("3", []))["list_has_target"] is None
     assert ev.diagnose(cases["out of turns"])["repeated_zooms"] == 5
     table = ev.failure_table(list(cases.values()))
-    assert table["hard"]["n"] == 7 and table["hard"]["outcomes"]["named a look-alike"] == pytest.approx(1 / 7)
+    assert table["hard"]["n"] == 7 and table["hard"]["outcomes"]["named another object in view"] == pytest.approx(1 / 7)
     assert table["all"]["saw_target"] == pytest.approx(3 / 7)
 
 
