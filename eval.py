@@ -115,13 +115,14 @@ def diagnose(t: dict) -> dict:
 
 def failure_table(trajs: list[dict]) -> dict:
     """Per difficulty (and "all"): the share of each outcome, and the flags' rates."""
-    groups = {d: [t for t in trajs if t["difficulty"] == d] for d in sorted({t["difficulty"] for t in trajs})}
+    every = [diagnose(t) for t in trajs]
+    groups = {d: [x for x, t in zip(every, trajs) if t["difficulty"] == d]
+              for d in sorted({t["difficulty"] for t in trajs})}
     out = {}
-    for d, ts in {**groups, "all": trajs}.items():
-        ds = [diagnose(t) for t in ts]
+    for d, ds in {**groups, "all": every}.items():
         listed = [x["list_has_target"] for x in ds if x["list_has_target"] is not None]
         shares = {o: sum(x["outcome"] == o for x in ds) / len(ds) for o in OUTCOMES}
-        out[d] = {"n": len(ts), "outcomes": shares,
+        out[d] = {"n": len(ds), "outcomes": shares,
                   "saw_target": float(np.mean([x["saw_target"] for x in ds])),
                   "list_has_target": float(np.mean(listed)) if listed else None,
                   "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),

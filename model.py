@@ -202,8 +202,7 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> bool:
     """Before a training run writes to `out` (a checkpoint folder, with its log <out>_log.jsonl):
     finish or clean an interrupted save; refuse to replace a run that is there unless --resume
     (continue it) or --overwrite (delete it first). Returns whether there is a run to resume."""
-    out = Path(out)
-    recover(out)
+    out = Path(out)      # (start_run has finished or cleaned an interrupted save already)
     log = out.parent / (out.name + "_log.jsonl")
     state_file = out / "trainer_state.pt"
     there = out.exists() or log.exists()
