@@ -32,14 +32,14 @@ from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, render
 from data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
 from infer import Engine, Sample, Settings
 from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
-                        cell_box, draw_object, fmt_box, probe_sample, scene)
+                        cell_box, draw_object, fmt_box, probe_sample, scene, verdict)
 from model import collate, pick_device, seed_everything, start_run
-from sft import add_training_args, read_held_out, sft_loss, train
+from sft import add_training_args, read_held_out, sft_loss, spread, train
 
 # ----------------------------------------------------------------------------------------------
 # The tasks: each sample is (image, question, answer text) rendered like the later stages render a turn
 # ----------------------------------------------------------------------------------------------
-BASE_TASKS = ["describe", "read", "locate", "list", "find"]
+BASE_TASKS = ["describe", "read", "locate", "list", "find", "verify"]
 
 
 def describe_object(o: dict) -> str:
@@ -122,11 +122,13 @@ def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, le
     locate:   an overview with one object -> the box of its cell
     list:     an overview with many objects -> the boxes of all objects of one colour, in reading order
     find:     an easy overview (shapes visible) -> the box of "the <colour> <shape>"
+    verify:   a one-cell crop, asked "Is this the <colour> <shape>?" (half the time it is, else a
+              look-alike of the same colour) -> the search's verdict sentence, description first
     `meta` holds what scoring needs (the target's pixel box, the listed cells).
     """
     level = level or str(rng.choice(list(LEVELS)))
     k = LEVELS[level]
-    if task in ("describe", "read"):
+    if task in ("describe", "read", "verify"):
         img, fields, placed = probe_sample(rng, level)
         o = placed[int(rng.integers(len(placed)))]
         box = tuple(int(v * k["size"]) for v in cell_box(o["cell"]))
@@ -135,6 +137,11 @@ def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, le
                 "tokens": token_labels(placed, box, k["size"], shown.size)}
         if task == "describe":
             return shown, "What is in this image?", f"It is {describe_object(o)}.", meta
+        if task == "verify":
+            others = [s for s in SHAPES if s != o["shape"]]
+            asked = o["shape"] if rng.random() < 0.5 else str(rng.choice(others))
+            answer = verdict(o["colour"], asked, o["shape"], o["glyph"])
+            return shown, f"Is this the {o['colour']} {asked}?", answer, meta
         return shown, f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
     if task == "locate":
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
@@ -265,12 +272,12 @@ def evaluate_base(model, processor, rows: list[dict], root: Path, max_new_tokens
 # ----------------------------------------------------------------------------------------------
 # Records on disk (held-out evaluation; mixing into SFT)
 # ----------------------------------------------------------------------------------------------
-def write_base(out: Path, n_train: int, n_test: int, seed: int):
+def write_base(out: Path, n_train: int, n_test: int, seed: int, tasks: list[str] = BASE_TASKS):
     (out / "images").mkdir(parents=True, exist_ok=True)
     for split, n in (("base_train", n_train), ("base_test", n_test)):
         rows = []
         for i in range(n):
-            task = BASE_TASKS[i % len(BASE_TASKS)]
+            task = tasks[i % len(tasks)]
             rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
             img, question, answer, meta = base_sample(rng, task)
             meta.pop("tokens")
@@ -278,10 +285,10 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int):
             with atomic_path(out / name) as tmp:
                 img.save(tmp, format="PNG")
             rows.append({"images": [name], "problem": ask(question), "solution": answer,
-                         "data_source": "synthetic_base", "system": "plain",
+                         "data_source": "synthetic_base", "system": "search" if task == "verify" else "plain",
                          "doc_id": f"{split}-{seed}-{i:06d}", "task": task, **meta})
         write_jsonl(out / f"{split}.jsonl", rows)
-        print(f"{split}: {n} records ({', '.join(BASE_TASKS)} in turn)")
+        print(f"{split}: {n} records ({', '.join(tasks)} in turn)")
 
 
 def task_weights(text: str) -> dict[str, float]:
@@ -308,12 +315,13 @@ def main(argv: list[str] | None = None):
     add_training_args(ap, init="tiny", out="runs/base/ck", steps=15000)
     args = ap.parse_args(argv)
     if args.write_data:
-        return write_base(Path(args.write_data), args.n_train, args.n_test, args.seed)
+        tasks = [t for t in args.tasks if t in BASE_TASKS] if args.tasks else BASE_TASKS
+        return write_base(Path(args.write_data), args.n_train, args.n_test, args.seed, tasks)
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = args.tasks
-    held_out = read_held_out(args.eval_data, args.eval_n, ("images", "problem", "solution", "task"))
-    held_out = [r for r in held_out if not weights or r["task"] in weights]
+    held_out = read_held_out(args.eval_data, 10 ** 9, ("images", "problem", "solution", "task"))
+    held_out = spread([r for r in held_out if not weights or r["task"] in weights], args.eval_n)  # trained tasks
     seed_everything(args.seed)
     model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device(), args.overwrite)
     for p in model.model.visual.parameters():   # the vision tower learns here

@@ -29,7 +29,7 @@ from common import Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, grade, h
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
                   main_cli, read_records, write_jsonl)
 from infer import Engine, Sample, Settings
-from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
+from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample, verdict
 from model import load, pick_device, resolve_checkpoint
 
 # ----------------------------------------------------------------------------------------------
@@ -132,16 +132,31 @@ def said(thought: str, action: str) -> str:
     return f"<think>{thought}</think>\n{action}"
 
 
+# Thought styles of a one-by-one search. "ledger" (the default): after each miss the thought lists
+# the boxes still to check, so the next zoom is the first box of a list the model has just written
+# (a copy, not a search through its own earlier turns). "plain": "I check the next one" (before
+# issue 12). The verdict follows the description in both: "It is a green triangle with the
+# character 8, not the green circle." (base.py's `verify` task teaches the same sentence.)
+STYLES = ("ledger", "plain")
+
+
 def found(colour: str, shape: str, glyph: str) -> str:
-    return said(f"It is a {colour} {shape} with the character {glyph}. This is the {colour} {shape}.",
-                f"<answer>{glyph}</answer>")
+    return said(verdict(colour, shape, shape, glyph), f"<answer>{glyph}</answer>")
+
+
+def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
+           style: str) -> str:
+    """A turn after a crop that did not show the asked-for object: say so, then zoom on the next box."""
+    step = ("Left to check: " + ", ".join(fmt_box(b) for b in left) + "." if style == "ledger"
+            else "I check the next one.")
+    return said(f"{verdict(colour, shape, seen_shape, glyph)} {step}", zoom_text(left[0]))
 
 
 NO_ANSWER = "<answer>none</answer>"
 
 
 def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_turns: int = 16,
-            depth_first: float = 0.0) -> dict | None:
+            depth_first: float = 0.0, style: str = "ledger") -> dict | None:
     """Search like a model would: returns {"turns": [...], "answer", "pattern"} or None when the
     question is not one the explorer understands."""
     goal = parse_question(problem)
@@ -181,10 +196,10 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
     intro = f"I am looking for the {colour} {shape}. The {colour} objects: {listing}."
     if depth_first and len(cells) >= 4 and rng.random() < depth_first:
         return _depth_first(cells, colour, shape, intro, max_turns, check, look)
-    return _one_by_one(cells, colour, shape, intro, max_turns, check, look)
+    return _one_by_one(cells, colour, shape, intro, max_turns, check, look, style)
 
 
-def _one_by_one(cells, colour, shape, intro, max_turns, check, look) -> dict:
+def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str = "ledger") -> dict:
     """Zoom into each candidate cell in reading order until one shows the asked-for shape."""
     more = " They look alike from here, so I check them one by one." if len(cells) > 1 else ""
     turns = [said(intro + more, zoom_text(cell_box(cells[0])))]
@@ -196,11 +211,8 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look) -> dict:
         if got_shape == shape and glyph:
             turns.append(found(colour, shape, glyph))
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
-        seen_text = (f"It is a {colour} {got_shape} with the character {glyph}" if got_shape and glyph
-                     else "I cannot make it out here")
         if i + 1 < len(cells):
-            turns.append(said(f"{seen_text}, not the {colour} {shape}. I check the next one.",
-                              zoom_text(cell_box(cells[i + 1]))))
+            turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in cells[i + 1:]], style))
     turns.append(said(f"None of the {colour} objects is the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
@@ -306,7 +318,7 @@ def explorer_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
     for row in tqdm(rows, desc="explore", dynamic_ncols=True):
         public = {k: row[k] for k in ("images", "problem")}   # what a model would see
         res = explore(load_image(public, root), public["problem"], TINY_BUDGET, rng, args.max_turns,
-                      args.depth_first)
+                      args.depth_first, args.thoughts)
         if res is not None:
             found.append({**res, "source": "explorer", "_row": row})
     return found
@@ -382,6 +394,8 @@ def main(argv: list[str] | None = None):
     src.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
     src.add_argument("--depth-first", type=SHARE, default=0.3,
                      help="explorer: share of searches that zoom into quarters first")
+    src.add_argument("--thoughts", choices=STYLES, default="ledger",
+                     help="explorer: how its thoughts are worded (see STYLES)")
     src.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-share", type=PROBABILITY, default=0.6, help="largest share of one pattern")
     args = ap.parse_args(argv)

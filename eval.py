@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common import PLAIN_SYSTEM_PROMPT, grade, normalise
@@ -199,8 +200,10 @@ def _font(size: int = 13):
         return ImageFont.load_default()
 
 
-def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabel: str = "turn cap"):
-    """Accuracy against turn cap (or any x), one line per series (drawn with PIL: no plotting library)."""
+def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabel: str = "turn cap",
+              errors: dict[str, dict[str, float]] | None = None):
+    """Accuracy against turn cap (or any x), one line per series (drawn with PIL: no plotting library);
+    `errors` (same keys) draws a bar of one standard error either side of each point."""
     W, H, L, R, T, B = 640, 420, 64, 130, 40, 50
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
@@ -224,6 +227,11 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabe
         d.line(pts, fill=col, width=3)
         for px, py in pts:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+        for c, e in (errors or {}).get(name, {}).items():
+            v = s[c]
+            d.line([x(int(c)), y(v - e), x(int(c)), y(v + e)], fill=col, width=1)
+            d.line([x(int(c)) - 4, y(v - e), x(int(c)) + 4, y(v - e)], fill=col)
+            d.line([x(int(c)) - 4, y(v + e), x(int(c)) + 4, y(v + e)], fill=col)
         d.line([W - R + 12, T + 18 * i + 6, W - R + 32, T + 18 * i + 6], fill=col, width=3)
         d.text((W - R + 38, T + 18 * i), name, fill="black")
     with atomic_path(path) as tmp:
@@ -269,6 +277,8 @@ def parse_args(argv=None):
     gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192)
     gen.add_argument("--max-pixels", type=POSITIVE, help="override the checkpoint's pixel budget")
     gen.add_argument("--max-batch", type=POSITIVE, default=32)
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                     help="weights for the rollouts (auto: bfloat16 on CUDA, float32 on the CPU)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
     return ap.parse_args(argv)
@@ -277,7 +287,8 @@ def parse_args(argv=None):
 def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
     """Roll every question out --samples times at the largest cap; one record per trajectory.
     Images are loaded when a question enters the batch and dropped when it leaves (memory)."""
-    model, processor = load(args.model, device=pick_device())
+    model, processor = load(args.model, device=pick_device(), dtype=None if args.dtype == "auto" else
+                            getattr(torch, args.dtype))
     if args.max_pixels:
         processor.budget.max_pixels = args.max_pixels
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)

@@ -55,6 +55,17 @@ DOT = 4   # one dot of the 5 x 7 glyph, in image pixels: under one pixel in any 
 QUESTION = "What is the character printed on the {colour} {shape}?"
 
 
+def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None) -> str:
+    """The sentence after a crop in a search (collect.py) and in base.py's `verify` task: what the crop
+    shows, and whether that is the asked-for object."""
+    if not (seen_shape and glyph):
+        return f"I cannot make it out here, not the {colour} {shape}."
+    seen = f"It is a {colour} {seen_shape} with the character {glyph}"
+    if seen_shape == shape:
+        return f"{seen}. This is the {colour} {shape}."
+    return f"{seen}, not the {colour} {shape}."
+
+
 def ask(question: str) -> str:
     """A synthetic problem: the question, then the image. (VisualProbe puts the image first; the
     protocol places it wherever "<image>" is.) With the question first, causal attention lets the

@@ -225,16 +225,18 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> bool:
 
 def start_run(out: Path, init: str, resume: bool, device: str, overwrite: bool = False):
     """(model, processor, trainer state or None): from `out`'s last checkpoint when resuming and
-    there is one, else from `init`. A bad --init fails before `check_out` touches anything."""
+    there is one, else from `init`. A bad --init fails before `check_out` touches anything. The
+    weights are float32 on every device (the master copy that AdamW updates; on CUDA the trainers
+    compute in bfloat16 under autocast): AdamW steps on bfloat16 weights lose small updates."""
     recover(out)
     if init != "tiny" and not (resume and (Path(out) / "trainer_state.pt").exists()):
         resolve_checkpoint(init)
     if check_out(out, resume, overwrite):
-        model, processor = load(str(out), device=device)
+        model, processor = load(str(out), device=device, dtype=torch.float32)
         state = torch.load(Path(out) / "trainer_state.pt", weights_only=False)
         print(f"resumed from {out} at step {state['step']}")
         return model, processor, state
-    model, processor = load(init, device=device)
+    model, processor = load(init, device=device, dtype=torch.float32)
     return model, processor, None
 
 

@@ -229,7 +229,7 @@ def parse_args(argv=None):
     ro.add_argument("--group", type=flag(int, 2), default=8,
                     help="rollouts per question (G, at least 2: GRPO compares rollouts of one question)")
     ro.add_argument("--max-turns", type=POSITIVE, default=6)
-    ro.add_argument("--max-turn-tokens", type=POSITIVE, default=160)
+    ro.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
     ro.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
     ro.add_argument("--max-batch", type=POSITIVE, default=32, help="engine rows at a time")
     rw = ap.add_argument_group("rewards")

@@ -9,7 +9,7 @@ T0=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 
 stage "0. synthetic Visual Probe data"
-python make_probe.py --out runs/tiny/probe --n-train 600 --n-test 90 --seed 1
+python make_probe.py --out runs/tiny/probe --n-train 600 --n-test 300 --seed 1
 stage "1. cold-start trajectories (explorer teacher)"
 python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl
 stage "2. supervised fine-tuning from the tiny base"

@@ -185,13 +185,15 @@ def optimizer(model, args, extras: dict):
     return opt, sched
 
 
-def train_step(model, micro: list[dict], loss_fn, step: int, out: Path) -> tuple[float, int]:
+def train_step(model, micro: list[dict], loss_fn, step: int, out: Path,
+               bf16: bool = True) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step (gradients accumulate).
-    Returns the summed loss and the number of tokens seen."""
+    Returns the summed loss and the number of tokens seen. On CUDA with `bf16` the matrix work runs in
+    bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision)."""
     n_tok = max(1, sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b))
     total_loss, total_tokens = 0.0, 0
     for batch in micro:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["pixel_values"].is_cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and batch["pixel_values"].is_cuda):
             loss = loss_fn(model, batch, n_tok, len(micro))
         check_finite(loss, step + 1, out)
         loss.backward()
@@ -225,7 +227,7 @@ def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_lo
         micro = [next(data) for _ in range(args.accum)]
         task = micro[-1][0]
         batches = [{k: v.to(device) for k, v in b.items()} for _, b in micro]
-        loss, n = train_step(model, batches, loss_fn, step, out)
+        loss, n = train_step(model, batches, loss_fn, step, out, args.precision == "bf16")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         sched.step()
@@ -276,6 +278,8 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     run = ap.add_argument_group("machine")
     run.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0: torch's default)")
     run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
+    run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                     help="compute on CUDA: bf16 autocast over float32 weights, or float32 throughout")
 
 
 def main(argv: list[str] | None = None):

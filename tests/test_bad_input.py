@@ -220,7 +220,7 @@ def test_rendering_has_a_token_cap_and_big_images_are_scaled_down(tiny, probe_di
 
 
 # --- 6. clear messages --------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["runs/tiny/sft", "checkpoints/tiny_base", "./nope", "tiny_base", "~/nothing"])
+@pytest.mark.parametrize("name", ["runs/no-such-run/sft", "checkpoints/tiny_base", "./nope", "tiny_base", "~/nothing"])
 def test_missing_local_folders_are_reported_as_such_never_sent_to_the_hub(name, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(InputError, match="no such checkpoint folder"):

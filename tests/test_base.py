@@ -63,3 +63,24 @@ def test_base_pretraining_runs_through_the_sft_trainer_and_resumes(tmp_path, mon
     monkeypatch.setattr(base, "aux_loss", real)
     resumed = run(tmp_path / "killed", "--resume")
     assert [resumed[s]["loss"] for s in (3, 4)] == pytest.approx([full[s]["loss"] for s in (3, 4)], rel=1e-5)
+
+
+def test_verify_records_ask_about_the_crop_half_the_time_truly(tmp_path):
+    """`verify`: "Is this the <colour> <shape>?" about a one-cell crop; the answer is the search's
+    verdict sentence, built from the crop's true object; about half the questions name its shape."""
+    import re
+
+    import base
+    from data import read_jsonl
+    rng = np.random.default_rng(0)
+    yes = 0
+    for _ in range(60):
+        img, question, answer, meta = base_sample(rng, "verify")
+        colour, shape = re.match(r"Is this the (\w+) (\w+)\?", question).groups()
+        assert colour == meta["colour"]
+        assert answer == make_probe.verdict(colour, shape, meta["shape"], meta["glyph"])
+        yes += shape == meta["shape"]
+    assert 18 <= yes <= 42
+    base.main(["--write-data", str(tmp_path / "v"), "--n-train", "4", "--n-test", "0", "--tasks", "verify:1"])
+    rows = read_jsonl(tmp_path / "v" / "base_train.jsonl")
+    assert [r["task"] for r in rows] == ["verify"] * 4 and all(r["system"] == "search" for r in rows)

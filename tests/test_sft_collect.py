@@ -139,3 +139,41 @@ def test_base_records_mix_into_trajectory_training(small_run, tmp_path):
     sft.main(["--data", str(small_run / "cs.jsonl"), str(folder / "base_train.jsonl"), "--init", str(small_run / "init"),
               "--out", str(tmp_path / "mix"), "--steps", "2", "--batch", "4", "--save-every", "2"])
     assert (tmp_path / "mix" / "model.safetensors").exists()
+
+
+def test_ledger_thoughts_make_each_zoom_a_copy(probe_dir):
+    """The ledger style: the first zoom is the first box of the opening list; after a miss the
+    thought gives the verdict ("..., not the <target>.") and the boxes left to check, the first
+    being the next zoom and the list one shorter each time; only the last turn says "This is the"."""
+    import json
+    import re
+    rows = read_jsonl(probe_dir / "train.jsonl") + read_jsonl(probe_dir / "test.jsonl")
+    boxes = lambda text: [json.loads(b) for b in re.findall(r"\[[\d., ]+\]", text)]
+    searched = 0
+    for row in rows:
+        res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0))
+        if res["pattern"] != "trial_and_error":
+            continue
+        searched += 1
+        colour, shape = collect.parse_question(row["problem"])
+        lists = []
+        for k, turn in enumerate(res["turns"][:-1]):
+            thought, call = turn.split("</think>")
+            zoom = json.loads(call.split("</grounding>")[0].split("<grounding>")[1])["bbox_2d"]
+            if k == 0:
+                lists.append(boxes(thought.split(f"The {colour} objects: ")[1]))
+            else:
+                assert re.match(rf"<think>It is a {colour} \w+ with the character \w, not the {colour} {shape}\. "
+                                r"Left to check: ", thought)
+                lists.append(boxes(thought.split("Left to check: ")[1]))
+            assert lists[-1][0] == zoom and "This is the" not in thought
+        assert all(a[1:] == b for a, b in zip(lists, lists[1:]))
+        assert res["turns"][-1].endswith(f"This is the {colour} {shape}.</think>\n<answer>{row['solution']}</answer>")
+    assert searched >= 2
+
+
+def test_plain_thoughts_are_the_earlier_wording(probe_dir):
+    row = next(r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard")
+    res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
+    assert all("Left to check" not in t for t in res["turns"])
+    assert any(t.startswith("<think>It is a") and "I check the next one." in t for t in res["turns"])

@@ -1,0 +1,86 @@
+"""ablation.py: arm means, bootstrap standard errors and paired differences, on eval folders the tests write."""
+import json
+
+import numpy as np
+import pytest
+
+import ablation
+from data import InputError
+
+
+def write_eval(folder, correct_by_q: dict, turns_by_q: dict | None = None, samples: int = 1):
+    """An eval.py-shaped folder: one trajectory per (question, sample); correct_by_q[q] is a list
+    (one per sample) of (correct, turns) pairs or a single bool answered at turn 2."""
+    folder.mkdir(parents=True)
+    with open(folder / "trajectories.jsonl", "w") as f:
+        for q, val in correct_by_q.items():
+            pairs = val if isinstance(val, list) else [(val, (turns_by_q or {}).get(q, 2))] * samples
+            for k, (ok, turns) in enumerate(pairs):
+                f.write(json.dumps({"doc_id": q, "difficulty": "hard" if q.startswith("h") else "easy",
+                                    "sample": k, "correct": ok, "answered": True, "turns": turns}) + "\n")
+    return folder
+
+
+def test_means_gain_and_difference_match_direct_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    qs = [f"h{i}" for i in range(40)] + [f"e{i}" for i in range(40)]
+    # arm A: each question answered right at turn 3 or turn 10 (past the training cap 6)
+    a_dirs, a_vals = [], []
+    for s in range(3):
+        vals = {q: [(bool(rng.random() < 0.6), int(rng.choice([3, 10])))] for q in qs}
+        a_vals.append(vals)
+        a_dirs.append(write_eval(tmp_path / f"a{s}", vals))
+    b = {q: bool(rng.random() < 0.3) for q in qs}
+    b_dir = write_eval(tmp_path / "b", b)
+    out = tmp_path / "out"
+    ablation.main(["--arm", "A=" + ",".join(map(str, a_dirs)), "--arm", f"B={b_dir}", "--diff", "A", "B",
+                   "--reps", "300", "--out", str(out)])
+    res = json.loads((out / "ablation.json").read_text())
+    hard = [q for q in qs if q.startswith("h")]
+    at = lambda vals, cap: np.mean([[ok and t <= cap for ok, t in v[q]] for v in vals for q in hard])
+    assert res["arms"]["A"]["hard"]["acc"]["16"] == pytest.approx(at(a_vals, 16))
+    assert res["arms"]["A"]["hard"]["acc"]["6"] == pytest.approx(at(a_vals, 6))
+    assert res["arms"]["A"]["hard"]["gain_past_train_cap"] == pytest.approx(at(a_vals, 16) - at(a_vals, 6))
+    assert res["arms"]["A"]["seeds"] == 3 and res["arms"]["B"]["seeds"] == 1
+    d = next(x for x in res["differences"] if x["difficulty"] == "all")
+    a_all = np.mean([[ok for ok, _ in v[q]] for v in a_vals for q in qs])   # every turn count is <= 16
+    assert d["diff"] == pytest.approx(a_all - np.mean(list(b.values())))
+    assert (out / "ablation.png").stat().st_size > 1000
+
+
+def test_bootstrap_se_is_the_binomial_one_for_one_seed():
+    """One seed, 400 independent questions right with p = 0.5: the SE is sqrt(p(1-p)/n) = 0.025."""
+    rng = np.random.default_rng(1)
+    x = (rng.random((1, 400)) < 0.5).astype(float)
+    se = ablation.bootstrap([x], np.mean, 2000, np.random.default_rng(2))
+    p = x.mean()
+    assert se == pytest.approx(np.sqrt(p * (1 - p) / 400), rel=0.1)
+
+
+def test_seed_spread_widens_the_error():
+    """Three seeds that disagree (0.2, 0.5, 0.8 on every question) give a larger SE than three that agree."""
+    same = np.full((3, 200), 0.5)
+    spread = np.array([[0.2] * 200, [0.5] * 200, [0.8] * 200])
+    g = np.random.default_rng(3)
+    assert ablation.bootstrap([same], np.mean, 500, g) == pytest.approx(0.0)
+    assert ablation.bootstrap([spread], np.mean, 500, g) > 0.1
+
+
+def test_paired_difference_cancels_the_question_noise():
+    """Two arms that agree on every question differ by exactly 0 with SE 0 (pairing by question)."""
+    x = (np.random.default_rng(4).random((1, 300)) < 0.4).astype(float)
+    assert ablation.bootstrap([x, x.copy()], lambda a, b: a.mean() - b.mean(), 500,
+                              np.random.default_rng(5)) == pytest.approx(0.0)
+
+
+def test_bad_arms_are_named(tmp_path):
+    a = write_eval(tmp_path / "a", {"h1": True, "h2": False})
+    other = write_eval(tmp_path / "other", {"h1": True, "h3": False})
+    with pytest.raises(InputError, match="NAME=DIR"):
+        ablation.main(["--arm", str(a), "--out", str(tmp_path / "o")])
+    with pytest.raises(InputError, match="no trajectories.jsonl"):
+        ablation.main(["--arm", f"A={tmp_path / 'nothing'}", "--out", str(tmp_path / "o")])
+    with pytest.raises(InputError, match="questions differ"):
+        ablation.main(["--arm", f"A={a}", "--arm", f"B={other}", "--out", str(tmp_path / "o")])
+    with pytest.raises(InputError, match="no arm named 'C'"):
+        ablation.main(["--arm", f"A={a}", "--diff", "A", "C", "--out", str(tmp_path / "o")])

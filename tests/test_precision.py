@@ -1,0 +1,53 @@
+"""Mixed precision (issue 13): the trainers keep float32 master weights, whatever the device, so that
+small AdamW updates are not rounded away; bf16 is for the compute only (autocast on CUDA)."""
+import copy
+import random
+
+import torch
+
+import collect
+import sft
+from common import render
+from data import load_image, read_jsonl
+from model import collate, save_checkpoint, start_run
+
+
+def _batch(probe_dir, processor):
+    row = read_jsonl(probe_dir / "train.jsonl")[0]
+    image = load_image(row, probe_dir)
+    res = collect.explore(image, row["problem"], processor.budget, random.Random(0))
+    return collate([render(image, row["problem"], res["turns"], processor)], processor, "cpu")
+
+
+def _changed_share(model, batch, lr: float) -> float:
+    """One AdamW step at `lr` under bf16 autocast: the share of trained weights that moved."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sft.sft_loss(model, batch, int(batch["loss_mask"][:, 1:].sum()), 1)
+    loss.backward()
+    opt.step()
+    with_grad = [(p, b) for p, b in zip(params, before) if p.grad is not None and p.grad.abs().sum() > 0]
+    moved = sum(int((p.detach() != b).sum()) for p, b in with_grad)
+    return moved / sum(b.numel() for _, b in with_grad)
+
+
+def test_start_run_gives_float32_master_weights_even_from_a_bf16_checkpoint(tiny, tmp_path):
+    model, proc = tiny
+    save_checkpoint(copy.deepcopy(model).to(torch.bfloat16), proc, tmp_path / "bf16")   # the fixture stays fp32
+    loaded, _, _ = start_run(tmp_path / "run", str(tmp_path / "bf16"), False, "cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_adamw_at_lr_1e6_moves_every_weight_in_fp32_but_few_in_bf16(tiny, probe_dir, tmp_path):
+    """The GPU configuration's dtypes, emulated on the CPU: bf16 compute under autocast. With fp32
+    master weights (what start_run gives) one step at lr 1e-6 changes every weight that has a
+    gradient; with the weights themselves in bf16 (the old CUDA path) most updates round away."""
+    model, proc = tiny
+    save_checkpoint(model, proc, tmp_path / "init")
+    batch = _batch(probe_dir, proc)
+    master, _, _ = start_run(tmp_path / "a", str(tmp_path / "init"), False, "cpu")
+    assert _changed_share(master.train(), batch, 1e-6) > 0.999
+    pure_bf16, _, _ = start_run(tmp_path / "b", str(tmp_path / "init"), False, "cpu")
+    assert _changed_share(pure_bf16.to(torch.bfloat16).train(), batch, 1e-6) < 0.2
