@@ -114,6 +114,25 @@ def labelled_overview(rng: np.random.Generator, level: str, budget: Budget = BUD
     return shown, token_labels(placed, (0, 0) + img.size, img.width, shown.size)
 
 
+def crop_sample(rng: np.random.Generator, task: str, budget: Budget, level: str):
+    """describe / read / verify: a one-cell crop around one object of a probe picture."""
+    k = LEVELS[level]
+    img, fields, placed = probe_sample(rng, level)
+    o = placed[int(rng.integers(len(placed)))]
+    box = tuple(int(v * k["size"]) for v in cell_box(o["cell"]))
+    shown = budget.resize(img.crop(box))
+    meta = {"glyph": o["glyph"], "colour": o["colour"], "shape": o["shape"],
+            "tokens": token_labels(placed, box, k["size"], shown.size)}
+    if task == "describe":
+        return shown, "What is in this image?", f"It is {describe_object(o)}.", meta
+    if task == "verify":
+        others = [s for s in SHAPES if s != o["shape"]]
+        asked = o["shape"] if rng.random() < 0.5 else str(rng.choice(others))
+        answer = verdict(o["colour"], asked, o["shape"], o["glyph"])
+        return shown, f"Is this the {o['colour']} {asked}?", answer, meta
+    return shown, f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
+
+
 def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, level: str | None = None):
     """One perception sample at the pixel budget the pipeline uses: (image, question, answer, meta).
 
@@ -129,20 +148,7 @@ def base_sample(rng: np.random.Generator, task: str, budget: Budget = BUDGET, le
     level = level or str(rng.choice(list(LEVELS)))
     k = LEVELS[level]
     if task in ("describe", "read", "verify"):
-        img, fields, placed = probe_sample(rng, level)
-        o = placed[int(rng.integers(len(placed)))]
-        box = tuple(int(v * k["size"]) for v in cell_box(o["cell"]))
-        shown = budget.resize(img.crop(box))
-        meta = {"glyph": o["glyph"], "colour": o["colour"], "shape": o["shape"],
-                "tokens": token_labels(placed, box, k["size"], shown.size)}
-        if task == "describe":
-            return shown, "What is in this image?", f"It is {describe_object(o)}.", meta
-        if task == "verify":
-            others = [s for s in SHAPES if s != o["shape"]]
-            asked = o["shape"] if rng.random() < 0.5 else str(rng.choice(others))
-            answer = verdict(o["colour"], asked, o["shape"], o["glyph"])
-            return shown, f"Is this the {o['colour']} {asked}?", answer, meta
-        return shown, f"What is the character printed on the {o['colour']} {o['shape']}?", o["glyph"], meta
+        return crop_sample(rng, task, budget, level)
     if task == "locate":
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         img, placed = scene(rng, k["size"], k["obj"], [(colour, shape)], k["clutter"])
