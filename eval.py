@@ -64,7 +64,8 @@ READABLE_PX = 24      # an object counts as seen when a crop shows it at least t
 OUTCOMES = ["right", "named another object in view", "saw the target, answered wrong",
             "answered without seeing the target", "no answer", "turn too long", "out of turns",
             "out of context", "wrong (no target box)"]
-_BOX = re.compile(r"\[\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*\]")
+_NUM = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"     # 1, 0.5, .5, 1. (never a lone "." a model may write)
+_BOX = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
 
 
 def seen(box: list[float], crop: dict) -> bool:

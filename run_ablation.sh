@@ -7,40 +7,46 @@
 # the paper claims, and draws runs/ablation/ablation.png.
 # SEEDS="0 1 2" (default) takes about 75 minutes on 2 CPU cores; SEEDS="0" about 25.
 # RL_FLAGS must match run_tiny.sh's RL stage, so that the masking arm is the tiny run's recipe.
+# Rerunning it continues: an arm whose evaluation is already there is not trained again
+# (FRESH=1 starts over).
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
 RL_FLAGS=${RL_FLAGS:-"--steps 20 --prompts 4 --group 8 --lr 2e-4"}
 A=runs/ablation
 T0=$(date +%s)
+[ "${FRESH:-0}" = 1 ] && rm -rf $A
 stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 [ -f runs/tiny/sft/model.safetensors ] || { echo "runs/tiny/sft is missing: run bash run_tiny.sh first"; exit 1; }
 
 stage "test split: 300 questions, seed 2 (run_tiny.sh uses seed 1)"
-python make_probe.py --out $A/test --n-train 0 --n-test 300 --seed 2
+[ -f $A/test/test.jsonl ] || python make_probe.py --out $A/test --n-train 0 --n-test 300 --seed 2
+done_() { [ -f "$1/results.json" ]; }
 evaluate() { python eval.py --model "$1" --data $A/test/test.jsonl --out "$2" --greedy --examples 2 --overwrite; }
+# arm NAME SEED MODEL [rl flags]: train RL (--resume: a killed run continues, a finished one is kept)
+# and evaluate it, unless its evaluation is there
+arm() {
+  done_ $A/eval_$1_s$2 && { echo "(eval_$1_s$2 is there)"; return; }
+  stage "seed $2: $1"
+  python rl.py --model "$3" --out $A/rl_$1_s$2 --seed $2 $RL_FLAGS --resume "${@:4}"   # a finished run is kept
+  evaluate $A/rl_$1_s$2 $A/eval_$1_s$2
+}
 
 stage "SFT (cold start) alone"
-evaluate runs/tiny/sft $A/eval_sft
+done_ $A/eval_sft || evaluate runs/tiny/sft $A/eval_sft
 for s in $SEEDS; do
-  stage "seed $s: RL with over-turn masking"
-  python rl.py --model runs/tiny/sft --out $A/rl_mask_s$s --seed $s $RL_FLAGS --overwrite
-  evaluate $A/rl_mask_s$s $A/eval_mask_s$s
-  stage "seed $s: RL without over-turn masking"
-  python rl.py --model runs/tiny/sft --out $A/rl_nomask_s$s --seed $s $RL_FLAGS --no-overturn-mask --overwrite
-  evaluate $A/rl_nomask_s$s $A/eval_nomask_s$s
-  stage "seed $s: RL from the base, no cold start"
-  python rl.py --model tiny-base --out $A/rl_nocold_s$s --seed $s $RL_FLAGS --overwrite
-  evaluate $A/rl_nocold_s$s $A/eval_nocold_s$s
+  arm mask $s runs/tiny/sft                       # RL with over-turn masking (the tiny run's recipe)
+  arm nomask $s runs/tiny/sft --no-overturn-mask  # RL without it
+  arm nocold $s tiny-base                         # RL straight from the base, no cold start
 done
 
 stage "the table"
-arm() { local dirs=""; for s in $SEEDS; do dirs="$dirs${dirs:+,}$A/eval_$1_s$s"; done; echo "$dirs"; }
+dirs() { local d=""; for s in $SEEDS; do d="$d${d:+,}$A/eval_$1_s$s"; done; echo "$d"; }
 python ablation.py --out $A \
   --arm "SFT (cold start)=$A/eval_sft" \
-  --arm "RL, masking=$(arm mask)" \
-  --arm "RL, no masking=$(arm nomask)" \
-  --arm "RL, no cold start=$(arm nocold)" \
+  --arm "RL, masking=$(dirs mask)" \
+  --arm "RL, no masking=$(dirs nomask)" \
+  --arm "RL, no cold start=$(dirs nocold)" \
   --diff "RL, masking" "RL, no masking" \
   --diff "RL, masking" "SFT (cold start)" \
   --diff "RL, masking" "RL, no cold start"

@@ -80,6 +80,10 @@ def test_failure_analysis_says_why_each_search_ended():
         "list_has_target"] is True
     assert ev.diagnose(_search("3", [], first="The red objects: [0.5, 0.5, 0.625, 0.625]."))["list_has_target"] is False
     assert ev.diagnose(_search("3", []))["list_has_target"] is None
+    # a model's broken boxes ("[., ., ., .]", seen from an untrained policy) are no boxes, never a crash
+    broken = _search("3", [], first="The red objects: [., ., ., .], [0.0, 0.0, .125, .125].")
+    assert ev.listed_boxes("The red objects: [., ., ., .], [0.0, 0.0, .125, .125].") == [[0.0, 0.0, 0.125, 0.125]]
+    assert ev.diagnose(broken)["list_has_target"] is True
     assert ev.diagnose(cases["out of turns"])["repeated_zooms"] == 5
     table = ev.failure_table(list(cases.values()))
     assert table["hard"]["n"] == 7 and table["hard"]["outcomes"]["named another object in view"] == pytest.approx(1 / 7)
