@@ -87,7 +87,8 @@ def summarise(
     """Every figure of the table: per arm and difficulty, accuracy at each cap with its standard error,
     the gain from the training cap to the largest, mean turns; then each asked-for difference."""
     rng = np.random.default_rng(seed)
-    groups = {d: np.array([x == d for x in difficulty]) for d in sorted(set(difficulty))}
+    order = lambda d: (["easy", "medium", "hard"].index(d) if d in ("easy", "medium", "hard") else 3, d)
+    groups = {d: np.array([x == d for x in difficulty]) for d in sorted(set(difficulty), key=order)}
     groups["all"] = np.ones(len(difficulty), bool)
     last, k_train = len(caps) - 1, caps.index(train_cap) if train_cap in caps else None
     out: dict = {"caps": caps, "train_cap": train_cap, "arms": {}, "differences": []}

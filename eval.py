@@ -205,7 +205,8 @@ def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabe
               errors: dict[str, dict[str, float]] | None = None):
     """Accuracy against turn cap (or any x), one line per series (drawn with PIL: no plotting library);
     `errors` (same keys) draws a bar of one standard error either side of each point."""
-    W, H, L, R, T, B = 640, 420, 64, 130, 40, 50
+    R = max(130, 45 + 7 * max((len(n) for n in series), default=0))   # room for the longest legend label
+    W, H, L, T, B = 510 + R, 420, 64, 40, 50
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     d.font = _font()
