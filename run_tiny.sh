@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
-# Starts from the committed tiny base (checkpoints/tiny-base). About 16-18 minutes on 2 CPU cores.
+# Starts from the committed tiny base (checkpoints/tiny-base). About 24 minutes on 2 CPU cores.
 # --overwrite: a rerun replaces the previous run's checkpoints and results (without it they are refused).
 # Ends by printing the paths of the report pages (open them in a browser).
 set -euo pipefail
