@@ -31,6 +31,8 @@ from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABIL
 from infer import Engine, Sample, Settings
 from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample, verdict
 from model import load, pick_device, resolve_checkpoint
+from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
+import sharegpt
 
 # ----------------------------------------------------------------------------------------------
 # The explorer's eyes: plain pixel rules on the images it is shown.
@@ -275,13 +277,13 @@ def pattern_of(crops: list[dict]) -> str:
 EXEMPLARS = ROOT / "exemplars" / "exemplars.json"
 
 
-def few_shot_prefix(path: Path = EXEMPLARS) -> tuple[str, list[Image.Image]]:
+def few_shot_prefix(path: Path = EXEMPLARS, protocol: Protocol = DEFAULT) -> tuple[str, list[Image.Image]]:
     """The exemplar conversations as earlier turns of the chat: their images and texts."""
     data = json.loads(path.read_text(encoding="utf-8"))
     text, images = "", []
     for ex in data:
         image, _, _ = probe_sample(np.random.default_rng(ex["seed"]), ex["level"])
-        ep = Episode(image, TINY_BUDGET)   # only to cut the crops; the engine resizes
+        ep = Episode(image, TINY_BUDGET, protocol)   # only to cut the crops; the engine resizes
         text += f"{IM_START}user\n{IMAGE}\n{ex['question']}{IM_END}\n"
         images.append(image)
         for i, turn in enumerate(ex["turns"]):
@@ -299,11 +301,12 @@ def model_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
     with the six exemplars in context), through the engine."""
     few_shot = bool(args.teacher)
     model, processor = load(args.teacher or args.model, device=pick_device())
-    prefix = few_shot_prefix() if few_shot else None
+    prefix = few_shot_prefix(protocol=args.protocol) if few_shot else None
     batch = [Sample(load_image(r, root), r["problem"], context=prefix)
              for r in rows for _ in range(args.samples)]
+    apply_pixels(processor, args)
     settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=args.seed,
-                        max_turn_tokens=256)
+                        max_turn_tokens=256, protocol=args.protocol)
     trajs = Engine(model, processor, max_batch=16).run(batch, settings)
     return [{"turns": [x.replace(IM_END, "") for x in t.turn_texts], "answer": t.answer,
              "pattern": pattern_of(t.crops), "exceeded": t.exceeded,
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None):
     io = ap.add_argument_group("input and output")
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/coldstart.jsonl", help="the kept trajectories (JSONL)")
+    io.add_argument("--sharegpt", help="also write the kept trajectories as ShareGPT JSON (LLaMA-Factory's "
+                    "format, the official cold-start data's); crops go beside it")
     io.add_argument("--append", help="an earlier trajectory file whose rows are kept too (iterative rounds)")
     io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions")
     src = ap.add_argument_group("source (default: the explorer)")
@@ -398,8 +403,12 @@ def main(argv: list[str] | None = None):
                      help="explorer: how its thoughts are worded (see STYLES)")
     src.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-share", type=PROBABILITY, default=0.6, help="largest share of one pattern")
-    args = ap.parse_args(argv)
+    add_protocol_args(ap)
+    args = parse_with_preset(ap, argv)
+    args.protocol = protocol_from_args(args)
     inputs = [args.data] + ([args.append] if args.append else [])
+    if args.sharegpt and not sharegpt.is_sharegpt(args.sharegpt):
+        raise InputError(f"--sharegpt {args.sharegpt}: the ShareGPT file's name must end in .json")
     if any(Path(args.out).resolve() == Path(f).resolve() for f in inputs):
         raise InputError(f"--out {args.out} is also an input: write the trajectories to another file")
     rows = read_records(args.data)[: args.limit or None]      # every input is checked before any work
@@ -413,6 +422,9 @@ def main(argv: list[str] | None = None):
     kept = filter_trajectories(found, args.max_share, args.seed)
     kept = earlier + kept
     write_jsonl(args.out, kept)
+    if args.sharegpt:
+        n = sharegpt.export(kept, args.sharegpt, TINY_BUDGET, args.protocol)
+        print(f"{n} trajectories as ShareGPT -> {args.sharegpt}")
     table(found, kept)
     print(f"kept {len(kept)} of {len(found)} trajectories -> {args.out} ({time.time() - t0:.0f}s)")
 

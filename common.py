@@ -20,25 +20,16 @@ import torch
 from PIL import Image
 
 from data import SPECIAL_TOKEN, InputError
+from protocol import DEFAULT, IMAGE, SYSTEM_PROMPT, Protocol, neutralise, official_call
 
 ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
-# The protocol. Texts are our own words; tags, JSON keys, coordinates and turn structure are
-# Mini-o3's, so its data and checkpoints work here unchanged.
+# The protocol. Texts are our own words (protocol.py; swappable with --prompts); tags, JSON keys,
+# coordinates and turn structure are Mini-o3's, so its data and checkpoints work here unchanged.
 # ----------------------------------------------------------------------------------------------
-SYSTEM_PROMPT = (
-    "You are a visual search assistant. Think step by step inside <think> and </think>. "
-    "To look at a region of an image more closely, write "
-    "<grounding>{\"bbox_2d\": [x0, y0, x1, y1], \"source\": \"original_image\"}</grounding>, "
-    "where (x0, y0) is the top-left and (x1, y1) the bottom-right corner of the region in relative "
-    "coordinates (the image is 1.0 wide and 1.0 high), and source is \"original_image\" or "
-    "\"observation_i\" for the i-th zoom-in image. Once the final answer is confirmed, "
-    "put it inside <answer> and </answer>."
-)
 PLAIN_SYSTEM_PROMPT = "You are a helpful assistant."   # the base model's (Qwen's default) prompt
 
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image; the pad is expanded per image
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 STOP_STRINGS = ("</grounding>", IM_END)              # a turn ends at either
 # The tiny world's vocabulary (synthetic probe questions; the tiny tokenizer is trained on it)
@@ -48,19 +39,8 @@ WORDS = {"colours": ["red", "green", "blue", "yellow"],
 
 
 def observation_text(action_index: int, observation_index: int) -> str:
-    """The user turn that returns a crop (the image placeholder sits inside the text)."""
-    return (f"After the above Action {action_index}, here is the zoom-in image "
-            f"(Observation {observation_index}):\n{IMAGE}.\n"
-            "Continue your reasoning inside <think> and </think>. If needed, zoom in again on the "
-            "original image or any observation with <grounding> and </grounding>; once the answer "
-            "is confirmed, put it inside <answer> and </answer>.")
-
-
-def neutralise(text: str) -> str:
-    """User text (a question, an error that quotes the model) with every special-token string such
-    as <|im_start|> or <|image_pad|> broken up ("< |im_start|>"), so it is read as plain text: it
-    can never open a turn or claim an image."""
-    return SPECIAL_TOKEN.sub(lambda m: "< |" + m.group(1) + "|>", text)
+    """The user turn that returns a crop, in this project's wording."""
+    return DEFAULT.observation_text(action_index, observation_index)
 
 
 def has_special(text: str) -> bool:
@@ -68,12 +48,11 @@ def has_special(text: str) -> bool:
 
 
 def error_text(reason: str) -> str:
-    """The user turn that answers an invalid tool call (the reason may quote the model's text)."""
-    return (f"The zoom-in request failed. Error: {neutralise(reason)}.\n"
-            "Please look at the error and continue your reasoning inside <think> and </think>.")
+    """The user turn that answers an invalid tool call, in this project's wording."""
+    return DEFAULT.error_text(reason)
 
 
-def prompt_text(question: str, system: str = SYSTEM_PROMPT, context: str = "", image: bool = True) -> str:
+def prompt_text(question: str, system: str | None = SYSTEM_PROMPT, context: str = "", image: bool = True) -> str:
     """System turn + first user turn (image + question) + the opening of the assistant turn.
 
     VisualProbe writes the image as "<image>" inside the problem; it is replaced by the image
@@ -81,7 +60,7 @@ def prompt_text(question: str, system: str = SYSTEM_PROMPT, context: str = "", i
     exemplars) goes between the system turn and the question. Special tokens typed into the
     question are neutralised.
     """
-    question = neutralise(question)
+    question, system = neutralise(question), SYSTEM_PROMPT if system is None else system
     if not image:
         user = question.replace("<image>\n", "").replace("<image>", "")
     else:
@@ -114,6 +93,7 @@ class Action:
     source: str | None = None             # "original_image" or "observation_i"
     answer: str | None = None
     error: str | None = None
+    pixel_box: tuple[int, int, int, int] | None = None   # set by the official parser (its own rounding)
 
     @property
     def source_index(self) -> int:
@@ -145,6 +125,26 @@ def parse_action(text: str, image_sizes: list[tuple[int, int]] | None = None) ->
         if len(answer) > MAX_ANSWER_CHARS:
             return Action("invalid", error=f"the answer is longer than {MAX_ANSWER_CHARS} characters")
         return Action("answer", answer=answer)
+    return Action("none")
+
+
+def parse_official(text: str, image_sizes: list[tuple[int, int]]) -> Action:
+    """The official rollout's reading of a turn (protocol.official_call): a turn with a complete
+    <grounding>...</grounding> is a tool call, read leniently (boxes clamped into the image); else
+    its last <answer>; else nothing (an unclosed <grounding> ends the episode, as there)."""
+    if len(text) > MAX_TURN_CHARS:
+        return Action("invalid", error=f"the turn is longer than {MAX_TURN_CHARS} characters")
+    if _GROUNDING.search(text):
+        read = official_call(text, image_sizes)
+        if isinstance(read, str):
+            return Action("invalid", error=read)
+        box, source, pixels = read
+        return Action("zoom", bbox=box, source=source, pixel_box=pixels)
+    answers = _ANSWER.findall(text)
+    if answers and len(answers[-1].strip()) <= MAX_ANSWER_CHARS:
+        return Action("answer", answer=answers[-1].strip())
+    if answers:
+        return Action("invalid", error=f"the answer is longer than {MAX_ANSWER_CHARS} characters")
     return Action("none")
 
 
@@ -197,31 +197,73 @@ def _parse_call(body: str, image_sizes) -> Action:
 # ----------------------------------------------------------------------------------------------
 # Pixel budget and the crop tool.
 # ----------------------------------------------------------------------------------------------
+QWEN_PROCESSOR_PIXELS = (3136, 12_845_056)   # Qwen2.5-VL's image processor's own min and max
+
+
+def smart_size(width: int, height: int, min_pixels: int, max_pixels: int, f: int = 28) -> tuple[int, int]:
+    """Qwen2.5-VL's rule: sides are multiples of 28, total pixels within [min_pixels, max_pixels]."""
+    if max(width, height) / min(width, height) > 200:
+        raise ValueError(f"aspect ratio of {width}x{height} is above 200")
+    h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(f, math.floor(height / beta / f) * f)
+        w = max(f, math.floor(width / beta / f) * f)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    return w, h
+
+
+def official_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The official rollout's first resize (nearest neighbour) of an image or crop: scaled into
+    [min_pixels, max_pixels] with whole-pixel sides, at least 28 a side, aspect below 200."""
+    w, h = width, height
+    if w * h > max_pixels:
+        k = math.sqrt(max_pixels / (w * h))
+        w, h = int(w * k), int(h * k)
+    if w * h < min_pixels:
+        k = math.sqrt(min_pixels / (w * h))
+        w, h = int(w * k), int(h * k)
+    if w < 28 or h < 28:
+        k = 28 / min(w, h)
+        w, h = int(w * k + 1), int(h * k + 1)
+    if w / h >= 200:
+        h = int(w / 190 + 1)
+    if h / w >= 200:
+        w = int(h / 190 + 1)
+    return w, h
+
+
 @dataclass
 class Budget:
-    """Qwen2.5-VL's rule: sides are multiples of 28, total pixels within [min_pixels, max_pixels]."""
+    """How an image is resized before the vision tower. rule "qwen": Qwen2.5-VL's processor with
+    this budget (sides multiples of 28, pixels within [min_pixels, max_pixels]); rule "mini-o3":
+    the official rollout, a nearest-neighbour resize into the budget first, then the processor
+    with its own wide limits."""
     min_pixels: int
     max_pixels: int
     factor: int = 28
     min_side: int = 28   # a crop box is grown to at least this many source pixels a side
+    rule: str = "qwen"
+
+    def first_size(self, width: int, height: int) -> tuple[int, int]:
+        if self.rule == "mini-o3":
+            return official_size(width, height, self.min_pixels, self.max_pixels)
+        return width, height
+
+    def limits(self) -> tuple[int, int]:
+        return QWEN_PROCESSOR_PIXELS if self.rule == "mini-o3" else (self.min_pixels, self.max_pixels)
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) an image of this size is resized to before the vision tower."""
-        f = self.factor
-        if max(width, height) / min(width, height) > 200:
-            raise ValueError(f"aspect ratio of {width}x{height} is above 200")
-        h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
-        if h * w > self.max_pixels:
-            beta = math.sqrt(height * width / self.max_pixels)
-            h = max(f, math.floor(height / beta / f) * f)
-            w = max(f, math.floor(width / beta / f) * f)
-        elif h * w < self.min_pixels:
-            beta = math.sqrt(self.min_pixels / (height * width))
-            h, w = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
-        return w, h
+        return smart_size(*self.first_size(width, height), *self.limits(), self.factor)
 
     def resize(self, image: Image.Image) -> Image.Image:
-        size = self.size(*image.size)
+        first = self.first_size(*image.size)
+        if first != image.size:
+            image = image.resize(first, Image.NEAREST)
+        size = smart_size(*image.size, *self.limits(), self.factor)
         return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
@@ -257,8 +299,8 @@ class Episode:
     `shown[i]` is what the model sees: the same image resized to the pixel budget.
     """
 
-    def __init__(self, image: Image.Image | None, budget: Budget):
-        self.budget = budget   # (image None: a text-only conversation, e.g. a judge's)
+    def __init__(self, image: Image.Image | None, budget: Budget, protocol: Protocol = DEFAULT):
+        self.budget, self.protocol = budget, protocol   # (image None: a text-only conversation)
         if image is not None and image.mode != "RGB":
             image = image.convert("RGB")       # (an RGB image is used as it is: no copy of a big picture)
         self.images = [image] if image is not None else []
@@ -272,6 +314,8 @@ class Episode:
         return [im.size for im in self.images]
 
     def parse(self, text: str) -> Action:
+        if self.protocol.parser == "official":
+            return parse_official(text, self.sizes())
         return parse_action(text, self.sizes())
 
     def apply(self, action: Action) -> tuple[str, Image.Image | None]:
@@ -281,7 +325,7 @@ class Episode:
         if action.kind == "zoom":
             src = action.source_index
             image = self.images[src]
-            x0, y0, x1, y1 = pixel_box(action.bbox, *image.size, self.budget.min_side)
+            x0, y0, x1, y1 = action.pixel_box or pixel_box(action.bbox, *image.size, self.budget.min_side)
             crop = image.crop((x0, y0, x1, y1))
             ox, oy = self.boxes[src][:2]     # crops keep full resolution: offsets just add
             self.images.append(crop)
@@ -289,9 +333,9 @@ class Episode:
             self.shown.append(self.budget.resize(crop))
             self.crops.append({"source": action.source, "bbox": action.bbox,
                                "pixel_box": list(self.boxes[-1]), "shown": list(self.shown[-1].size)})
-            return observation_text(index, len(self.images) - 1), self.shown[-1]
+            return self.protocol.observation_text(index, len(self.images) - 1), self.shown[-1]
         self.errors += 1
-        return error_text(action.error or "invalid call"), None
+        return self.protocol.error_text(action.error or "invalid call"), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +392,8 @@ def rope_positions(ids: list[int], grids: list[tuple[int, int, int]], start: int
     return pos, p
 
 
-def render(image: Image.Image, problem: str, turns: list[str], processor, system: str = SYSTEM_PROMPT,
-           max_tokens: int | None = None) -> dict:
+def render(image: Image.Image, problem: str, turns: list[str], processor, system: str | None = None,
+           max_tokens: int | None = None, protocol: Protocol = DEFAULT) -> dict:
     """Tokens of a whole conversation: `turns` are the assistant texts, in order.
 
     After every turn but the last, the turn's action is carried out exactly as the engine does it
@@ -359,8 +403,8 @@ def render(image: Image.Image, problem: str, turns: list[str], processor, system
     Returns ids, a boolean mask of assistant tokens, and the images as shown to the model.
     """
     tok = processor.tokenizer
-    episode = Episode(image, processor.budget)
-    ids = encode_chunk(tok, prompt_text(problem, system), [image_token_count(episode.shown[0])])
+    episode = Episode(image, processor.budget, protocol)
+    ids = encode_chunk(tok, prompt_text(problem, system or protocol.system), [image_token_count(episode.shown[0])])
     mask = [False] * len(ids)
     for i, text in enumerate(turns):
         piece = encode_chunk(tok, text)

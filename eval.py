@@ -30,6 +30,8 @@ from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, atomic_p
 import report
 from infer import Engine, Sample, Settings, draw_search
 from model import load, pick_device, resolve_checkpoint
+from protocol import (add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args,
+                      read_score)
 
 JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\n"
                 "Reference answer: {reference}\nCandidate answer: {answer}\n"
@@ -37,18 +39,20 @@ JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {questi
                 "Reply with exactly \"Score: 1\" if it does and \"Score: 0\" if it does not.")
 
 
-def judge(engine: Engine, rows: list[dict], answers: list[str | None]) -> list[float]:
+def judge(engine: Engine, rows: list[dict], answers: list[str | None], texts: dict | None = None) -> list[float]:
     """Mini-o3's LLM-judge reward: exact/normalised match first; otherwise the judge model (run
-    through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1"."""
+    through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1". `texts`
+    (protocol.load_judge_prompt) replaces the judge's system prompt and query."""
+    texts = texts or {"system": PLAIN_SYSTEM_PROMPT, "query": JUDGE_PROMPT}
+    fill = lambda i: (texts["query"].replace("{question}", rows[i]["problem"].replace("<image>", "").strip())
+                      .replace("{reference}", str(rows[i]["solution"])).replace("{answer}", answers[i]))
     scores = [grade(a, r) for a, r in zip(answers, rows)]
     ask = [i for i, (a, s) in enumerate(zip(answers, scores))
            if a is not None and s == 0 and not rows[i].get("options")]
-    samples = [Sample(None, JUDGE_PROMPT.format(question=rows[i]["problem"].replace("<image>", "").strip(),
-                                                reference=rows[i]["solution"], answer=answers[i]),
-                      system=PLAIN_SYSTEM_PROMPT) for i in ask]
+    samples = [Sample(None, fill(i), system=texts["system"] or PLAIN_SYSTEM_PROMPT) for i in ask]
     verdicts = engine.run(samples, Settings(max_turns=1, greedy=True, max_turn_tokens=32), progress=False)
     for i, t in zip(ask, verdicts):
-        scores[i] = 1.0 if re.search(r"Score:\s*1", t.turn_texts[-1] if t.turn_texts else "") else 0.0
+        scores[i] = read_score(t.turn_texts[-1] if t.turn_texts else "")
     return scores
 
 
@@ -277,13 +281,16 @@ def parse_args(argv=None):
     gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
     gen.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
     gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192)
-    gen.add_argument("--max-pixels", type=POSITIVE, help="override the checkpoint's pixel budget")
+    gen.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
     gen.add_argument("--max-batch", type=POSITIVE, default=32)
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                      help="weights for the rollouts (auto: bfloat16 on CUDA, float32 on the CPU)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
-    return ap.parse_args(argv)
+    gen.add_argument("--judge-prompt", help="the judge's texts: a JSON file {system, query} or the official "
+                     "reward file (verl/utils/reward_score/general_qa_tool.py, read, never run)")
+    add_protocol_args(ap)
+    return parse_with_preset(ap, argv)
 
 
 def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
@@ -291,18 +298,18 @@ def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
     Images are loaded when a question enters the batch and dropped when it leaves (memory)."""
     model, processor = load(args.model, device=pick_device(), dtype=None if args.dtype == "auto" else
                             getattr(torch, args.dtype))
-    if args.max_pixels:
-        processor.budget.max_pixels = args.max_pixels
+    apply_pixels(processor, args)
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
     settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
-                        max_turn_tokens=args.max_turn_tokens)
+                        max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
+                        max_images=args.max_images, protocol=args.protocol)
     loader = lambda r: (lambda: load_image(r, root))   # called when the question enters the batch
     samples = [Sample(loader(r), r["problem"]) for r in rows for _ in range(args.samples)]
     results = engine.run(samples, settings)
     flat_rows = [r for r in rows for _ in range(args.samples)]
     if args.judge:
         correct = judge(Engine(*load(args.judge, device=pick_device()), max_batch=args.max_batch), flat_rows,
-                        [t.answer for t in results])
+                        [t.answer for t in results], args.judge_texts)
     else:
         correct = [grade(t.answer, r) for t, r in zip(results, flat_rows)]
     return [{"doc_id": r["doc_id"], "difficulty": r.get("difficulty", "all"), "sample": k % args.samples,
@@ -330,6 +337,8 @@ def main(argv: list[str] | None = None):
     if args.compare:
         return compare(args.compare, Path(args.out if args.out.endswith(".png") else args.out + ".png"))
     caps = args.turn_caps
+    args.protocol = protocol_from_args(args)                # prompts files are read before any work too
+    args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
     rows = read_records(args.data)[: args.limit or None]    # every input is checked before any work
     root, out = Path(args.data).parent, Path(args.out)
     for name in [args.model] + ([args.judge] if args.judge else []):
@@ -340,7 +349,9 @@ def main(argv: list[str] | None = None):
     trajs = rollout(args, rows, root, caps)
     res = summarise(trajs, caps)
     res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,
-                "turn_caps": caps, "seconds": round(time.time() - t0, 1)})
+                "turn_caps": caps, "seconds": round(time.time() - t0, 1),
+                "protocol": {"preset": args.preset, "prompts": args.prompts, "numbering": args.numbering,
+                             "parser": args.parser, "answer": args.answer, "judge_prompt": args.judge_prompt}})
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "trajectories.jsonl", trajs)
     with atomic_path(out / "results.json") as tmp:

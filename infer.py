@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (Episode, IM_END, STOP_STRINGS, SYSTEM_PROMPT, encode_chunk, image_token_count,
-                    prompt_text, tool_turn_text)
+from common import Episode, IM_END, STOP_STRINGS, encode_chunk, image_token_count, prompt_text, tool_turn_text
 from data import (InputError, MAX_QUESTION_CHARS, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, load_image,
                   main_cli)
 from decoder import Decoder
 from model import load, pick_device
+from protocol import (DEFAULT, Protocol, add_protocol_args, apply_pixels, first_answer, parse_with_preset,
+                      protocol_from_args)
 
 # tokens only the processor may write: a sampled <|image_pad|> would claim an image that does not exist
 BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -46,7 +47,7 @@ BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 class Sample:
     image: Image.Image | Callable[[], Image.Image] | None   # (a loader: called on admission); None: text only
     question: str
-    system: str = SYSTEM_PROMPT
+    system: str | None = None               # None: the settings' protocol's system prompt
     forced: list[list[int]] | None = None   # scripted token ids per turn (tests, teacher forcing)
     context: tuple[str, list[Image.Image]] | None = None   # earlier turns (few-shot) and their images
     stop: tuple[str, ...] | None = None    # this row's stop strings (default: the settings')
@@ -92,6 +93,7 @@ class Settings:
     max_images: int = 32
     stop: tuple[str, ...] = STOP_STRINGS
     eos: bool = True                     # <|im_end|> ends a turn (off: the benchmark's fixed-length turns)
+    protocol: Protocol = DEFAULT         # texts, observation numbering, parser, answer rule
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,10 +136,10 @@ class Slot:
     """The state of one conversation: `ids` is the whole conversation so far, of which the first
     `length` tokens are in the cache; the rest (and `images`) wait to be fed."""
 
-    def __init__(self, index: int, sample: Sample, budget):
+    def __init__(self, index: int, sample: Sample, budget, protocol: Protocol = DEFAULT):
         self.index, self.sample = index, sample
         image = sample.image() if callable(sample.image) else sample.image
-        self.episode = Episode(image, budget)
+        self.episode = Episode(image, budget, protocol)
         self.ids: list[int] = []
         self.sampled: list[bool] = []
         self.logprobs: list[float] = []
@@ -214,7 +216,7 @@ class Engine:
         results: list[Trajectory | None] = [None] * len(samples)
         bar = tqdm(total=len(samples), desc="rollout", disable=not progress, dynamic_ncols=True, leave=False)
         while waiting and len(slots) < self.max_batch:
-            slots.append(self._admit(*waiting.popleft(), on_text))
+            slots.append(self._admit(*waiting.popleft(), s, on_text))
         while slots:
             logits = self._feed(slots, s)
             done = [i for i, r in enumerate(slots) if r.traj.over_length]
@@ -227,26 +229,27 @@ class Engine:
             for i in sorted(set(done), reverse=True):
                 results[slots[i].index] = slots[i].result()
                 bar.update(1)
-                self._retire(slots, i, waiting, on_text)
+                self._retire(slots, i, waiting, s, on_text)
         bar.close()
         return results
 
-    def _admit(self, index: int, sample: Sample, on_text) -> Slot:
+    def _admit(self, index: int, sample: Sample, s: Settings, on_text) -> Slot:
         """A new conversation: its prompt (with any few-shot context) waits to be fed."""
-        r = Slot(index, sample, self.processor.budget)
+        r = Slot(index, sample, self.processor.budget, s.protocol)
         ctx_text, ctx_images = sample.context or ("", [])
-        text = prompt_text(sample.question, sample.system, ctx_text, image=sample.image is not None)
+        text = prompt_text(sample.question, sample.system or s.protocol.system, ctx_text,
+                           image=sample.image is not None)
         images = [self.processor.budget.resize(im) for im in ctx_images] + r.episode.shown[:1]
         r.add(encode_chunk(self.tok, text, [image_token_count(im) for im in images]), images)
         if on_text:
             on_text(index, text)
         return r
 
-    def _retire(self, slots: list[Slot], i: int, waiting: deque, on_text):
+    def _retire(self, slots: list[Slot], i: int, waiting: deque, s: Settings, on_text):
         """Free slot i: a waiting sample takes it, or the last slot moves into it (cache row
         included), so that the active rows stay 0..n-1."""
         if waiting:
-            slots[i] = self._admit(*waiting.popleft(), on_text)
+            slots[i] = self._admit(*waiting.popleft(), s, on_text)
             return
         last = slots.pop()
         if i < len(slots):
@@ -304,6 +307,9 @@ class Engine:
         action = r.episode.parse(self._end_turn(r, on_text).replace(IM_END, ""))
         if action.kind in ("answer", "none"):
             r.traj.answer, r.traj.answered = action.answer, action.kind == "answer"
+            if s.protocol.answer == "first":   # the official extraction: the trajectory's first <answer>
+                r.traj.answer = first_answer([t.replace(IM_END, "") for t in r.traj.turn_texts])
+                r.traj.answered = r.traj.answer is not None
             return True
         if r.traj.turns >= s.max_turns or len(r.episode.images) >= s.max_images:
             r.traj.exceeded_turns = True      # a tool call on the last allowed turn
@@ -359,8 +365,10 @@ def parse_args(argv=None):
     gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
     gen.add_argument("--top-p", type=PROBABILITY, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-pixels", type=POSITIVE, help="override the checkpoint's pixel budget")
-    return ap.parse_args(argv)
+    gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192, help="the whole conversation")
+    gen.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
+    add_protocol_args(ap)
+    return parse_with_preset(ap, argv)
 
 
 def check_args(args):
@@ -376,14 +384,15 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     image = check_args(args)
+    protocol = protocol_from_args(args)
     model, processor = load(args.model, device=pick_device())
-    if args.max_pixels:
-        processor.budget.max_pixels = args.max_pixels
+    apply_pixels(processor, args)
     out = sys.stderr if args.json else sys.stdout
     settings = Settings(max_turns=args.max_turns, greedy=args.greedy, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, max_turn_tokens=args.max_turn_tokens)
+                        top_p=args.top_p, seed=args.seed, max_turn_tokens=args.max_turn_tokens,
+                        max_total_tokens=args.max_total_tokens, max_images=args.max_images, protocol=protocol)
     show = lambda i, text: print(text.replace("<|image_pad|>", ""), end="", file=out, flush=True)
-    traj = Engine(model, processor, max_batch=1).run([Sample(image, args.question)], settings, progress=False,
+    traj = Engine(model, processor, max_batch=1, max_len=args.max_total_tokens).run([Sample(image, args.question)], settings, progress=False,
                                                      on_text=show)[0]
     print(f"\n\nanswer: {traj.answer!r}  turns: {traj.turns}  zooms: {len(traj.crops)}  tool errors: "
           f"{traj.tool_errors}  exceeded: {traj.exceeded}", file=out)

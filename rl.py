@@ -32,6 +32,7 @@ from data import (NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, 
                   read_records)
 from eval import judge
 from infer import Engine, Sample, Settings
+from protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
 from model import (check_finite, collate, load, pick_device, resolve_checkpoint, save_checkpoint,
                    seed_everything, start_run, token_logprobs)
 
@@ -91,11 +92,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 # Rewards
 # ----------------------------------------------------------------------------------------------
 def rewards_for(trajs, rows, judge_engine=None, format_bonus: float = 0.0,
-                tool_bonus: float = 0.0) -> list[float]:
+                tool_bonus: float = 0.0, judge_texts: dict | None = None) -> list[float]:
     """Correctness of the answer (rule match, or the judge's "Score: 0/1"), plus optional bonuses
     for a well-formed answer and for having used the tool (both off by default, as in the paper)."""
     if judge_engine is not None:
-        correct = judge(judge_engine, rows, [t.answer for t in trajs])
+        correct = judge(judge_engine, rows, [t.answer for t in trajs], judge_texts)
     else:
         correct = [grade(t.answer, r) for t, r in zip(trajs, rows)]
     return [c + format_bonus * t.answered + tool_bonus * (len(t.crops) > 0) for c, t in zip(correct, trajs)]
@@ -128,16 +129,17 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
     G = args.group
     groups, stats, tried, dropped = [], [], 0, 0
     for attempt in range(4):
-        if len(groups) >= args.prompts:
+        if len(groups) >= args.questions:
             break
-        qs = questions.take(args.prompts - len(groups))
+        qs = questions.take(args.questions - len(groups))
         seed = args.seed * 100_003 + step * 101 + attempt
-        settings = Settings(max_turns=args.max_turns, temperature=args.temperature,
-                            max_turn_tokens=args.max_turn_tokens, seed=seed)
+        settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=seed,
+                            max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
+                            max_images=args.max_images, protocol=args.protocol)
         samples = [Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)]
         trajs = engine.run(samples, settings, progress=False)
         rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus,
-                         args.tool_bonus)
+                         args.tool_bonus, args.judge_texts)
         for g, q in enumerate(qs):
             tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
             stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
@@ -225,15 +227,18 @@ def parse_args(argv=None):
     io.add_argument("--seed", type=int, default=0)
     ro = ap.add_argument_group("rollouts")
     ro.add_argument("--steps", type=POSITIVE, default=30)
-    ro.add_argument("--prompts", type=POSITIVE, default=8, help="questions per step (P)")
+    ro.add_argument("--questions", type=POSITIVE, default=8, help="questions per step (P)")
     ro.add_argument("--group", type=flag(int, 2), default=8,
                     help="rollouts per question (G, at least 2: GRPO compares rollouts of one question)")
     ro.add_argument("--max-turns", type=POSITIVE, default=6)
     ro.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
+    ro.add_argument("--max-total-tokens", type=POSITIVE, default=4096, help="the whole conversation")
+    ro.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
     ro.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
     ro.add_argument("--max-batch", type=POSITIVE, default=32, help="engine rows at a time")
     rw = ap.add_argument_group("rewards")
     rw.add_argument("--judge", help="an LLM judge (path or hub name) instead of the rule match")
+    rw.add_argument("--judge-prompt", help="the judge's texts (see eval.py --judge-prompt)")
     rw.add_argument("--format-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     rw.add_argument("--tool-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     op = ap.add_argument_group("optimisation")
@@ -245,11 +250,14 @@ def parse_args(argv=None):
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
     op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")
-    return ap.parse_args(argv)
+    add_protocol_args(ap)
+    return parse_with_preset(ap, argv)
 
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    args.protocol = protocol_from_args(args)       # (prompts files are read before any work)
+    args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
     device, out = pick_device(), Path(args.out)
     rows = read_records(args.data)                 # every input is checked before any work
     if args.judge:
@@ -267,7 +275,8 @@ def main(argv: list[str] | None = None):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     questions = Questions(rows, args.seed, state["cursor"] if state else 0)
-    engine = Engine(model, processor, max_batch=args.max_batch)
+    apply_pixels(processor, args)
+    engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
     log = out.parent / (out.name + "_log.jsonl")
     bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
     while step < args.steps:
@@ -286,7 +295,8 @@ def main(argv: list[str] | None = None):
                             for k, v in record.items()))
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(model, processor, out, {"trainer_state.pt": {
-                "optimizer": opt.state_dict(), "step": step, "cursor": questions.cursor, "args": vars(args)}})
+                "optimizer": opt.state_dict(), "step": step, "cursor": questions.cursor,
+                "args": {k: v for k, v in vars(args).items() if k not in ("protocol", "judge_texts")}}})
     bar.close()
     print(f"saved {out} after {step} steps")
 

@@ -15,7 +15,7 @@ python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.j
 stage "2. supervised fine-tuning from the tiny base"
 python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 240 --batch 8 --lr 1e-3 --overwrite
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
-python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --prompts 4 --group 8 --lr 2e-4 --overwrite
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 --lr 2e-4 --overwrite
 stage "4. evaluation: turn caps 1-16 on the test split"
 python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy --overwrite
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, grade, render
+import sharegpt
+from common import PLAIN_SYSTEM_PROMPT, grade, render
 from data import (InputError, NONNEGATIVE, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
                   read_jsonl, read_records)
 from eval import line_plot
 from infer import Engine, Sample, Settings
+from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
 from model import (check_finite, collate, pick_device, save_checkpoint, seed_everything, start_run,
                    token_logprobs)
 
@@ -55,21 +57,32 @@ def trajectory_turns(row: dict) -> list[str]:
 
 def read_trajectories(files: list[str]) -> list[dict]:
     """Rows of several files, all checked before training (a trajectory has `turns`, a base record
-    a `solution`); each row's images are relative to its own file's folder."""
+    a `solution`; a .json file is ShareGPT, e.g. the official cold-start data); each row's images
+    are relative to its own file's folder."""
     rows = []
     for f in files:
-        rows += [{**r, "_root": str(Path(f).parent)} for r in read_records(f, ("images", "problem",
-                                                                                ("turns", "solution")))]
+        if sharegpt.is_sharegpt(f):
+            rows += sharegpt.read(f)
+        else:
+            rows += [{**r, "_root": str(Path(f).parent)} for r in read_records(f, ("images", "problem",
+                                                                                    ("turns", "solution")))]
         print(f"{len(rows)} records after {f}")
     return rows
+
+
+def text_length(row: dict) -> float:
+    """A rough token count: about 3 characters a token, ~70 tokens for each turn's image."""
+    if "conversations" in row:
+        return sum(len(m["value"]) for m in row["conversations"]) / 3 + 70 * len(row["images"])
+    if "turns" in row:
+        return sum(len(t) for t in trajectory_turns(row)) / 3 + 70 * len(row["turns"])
+    return len(row["solution"])
 
 
 def epoch_order(rows: list[dict], size: int, rng: np.random.Generator) -> np.ndarray:
     """A shuffled epoch in which each batch holds trajectories of similar length (less padding):
     shuffle, sort within windows of 8 batches by length, then shuffle the batches."""
-    # about 3 characters a token, and ~70 tokens for each turn's observation and image
-    length = np.array([sum(len(t) for t in trajectory_turns(r)) / 3 + 70 * len(r["turns"]) if "turns" in r
-                       else len(r["solution"]) for r in rows])
+    length = np.array([text_length(r) for r in rows])
     order = rng.permutation(len(rows))
     windows = [order[i:i + 8 * size] for i in range(0, len(order), 8 * size)]
     order = np.concatenate([w[np.argsort(length[w], kind="stable")] for w in windows])
@@ -79,20 +92,25 @@ def epoch_order(rows: list[dict], size: int, rng: np.random.Generator) -> np.nda
     return np.concatenate([batches[j] for j in rng.permutation(len(batches))])
 
 
-def file_batch(rows: list[dict], step: int, size: int, seed: int, processor, max_tokens: int | None = None):
+def file_batch(rows: list[dict], step: int, size: int, seed: int, processor, max_tokens: int | None = None,
+               protocol: Protocol = DEFAULT):
     """Batch number `step` of the epoch it falls in, rendered into tokens. A record with `turns` is
-    a trajectory; one without (a base record) is one turn answering with its solution."""
+    a trajectory (replayed under `protocol`), one with `conversations` a ShareGPT record (its own
+    texts); one with neither (a base record) is one turn answering with its solution."""
     per_epoch = max(1, len(rows) // size)
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(rows, size, np.random.default_rng([seed, epoch]))
     out = []
     for i in order[k * size:(k + 1) * size]:
         row = rows[int(i)]
-        system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else SYSTEM_PROMPT
+        if "conversations" in row:
+            out.append(sharegpt.tokens(row, processor, max_tokens))
+            continue
+        system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else protocol.system
         turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
         try:
             out.append(render(load_image(row, row["_root"]), row["problem"], turns, processor, system=system,
-                              max_tokens=max_tokens))
+                              max_tokens=max_tokens, protocol=protocol))
         except InputError as e:
             raise InputError(f"record {row.get('doc_id', int(i))}: {e}") from None
     return out
@@ -127,10 +145,11 @@ def micro_batches(make, start: int, stop: int, workers: int):
 # Held-out evaluation and its curve
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_search(model, processor, rows: list[dict], root: Path, max_turns: int = 6) -> dict:
+def evaluate_search(model, processor, rows: list[dict], root: Path, max_turns: int = 6,
+                    protocol: Protocol = DEFAULT) -> dict:
     """Probe questions rolled out greedily with the search protocol: accuracy per difficulty, mean turns."""
     samples = [Sample(image=load_image(r, root), question=r["problem"]) for r in rows]
-    settings = Settings(max_turns=max_turns, greedy=True)
+    settings = Settings(max_turns=max_turns, greedy=True, protocol=protocol)
     results = Engine(model, processor).run(samples, settings, progress=False)
     per: dict[str, list[float]] = {}
     for r, res in zip(rows, results):
@@ -285,23 +304,27 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", default=["runs/tiny/coldstart.jsonl"],
-                    help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in")
+                    help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
+                         "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
-    args = ap.parse_args(argv)
+    add_protocol_args(ap)
+    args = parse_with_preset(ap, argv)
+    protocol = protocol_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = read_trajectories(args.data)             # every input is checked before any work
     held_out = read_held_out(args.eval_data, args.eval_n, ("images", "problem", "solution"))
     seed_everything(args.seed)
     model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device(), args.overwrite)
+    apply_pixels(processor, args)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
-    make = lambda k: (None, collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens),
-                                    processor, "cpu"))
+    make = lambda k: (None, collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens,
+                                               protocol), processor, "cpu"))
     evaluate = None
     if held_out:
-        evaluate = lambda m: evaluate_search(m, processor, held_out, Path(args.eval_data).parent)
+        evaluate = lambda m: evaluate_search(m, processor, held_out, Path(args.eval_data).parent, protocol=protocol)
     train(args, model, processor, state, make, sft_loss, evaluate)
 
 

@@ -99,7 +99,7 @@ def test_sft_and_rl_steps_are_pinned(probe_dir, tmp_path, monkeypatch):
     assert _weight_sum(tmp_path / "sft") == pytest.approx(86213.114777833, rel=1e-7)
     monkeypatch.setattr(rl, "rewards_for", lambda trajs, rows, *a, **k: [float(t.token_ids[-1] % 2) for t in trajs])
     rl.main(["--model", str(tmp_path / "init"), "--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "rl"),
-             "--steps", "2", "--prompts", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
+             "--steps", "2", "--questions", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
              "--lr", "1e-3", "--save-every", "2", "--no-overturn-mask"])
     assert [r["reward_mean"] for r in read_jsonl(tmp_path / "rl_log.jsonl")] == [0.625, 0.75]
     assert _weight_sum(tmp_path / "rl") == pytest.approx(86222.38100876211, rel=1e-7)

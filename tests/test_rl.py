@@ -86,7 +86,7 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
     # a random model never answers: give rewards that vary (the reward itself is tested above)
     monkeypatch.setattr(rl, "rewards_for", lambda trajs, rows, *a, **k: [float(t.token_ids[-1] % 2) for t in trajs])
     rl.main(["--model", str(tmp_path / "init"), "--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "rl"),
-             "--steps", "2", "--prompts", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
+             "--steps", "2", "--questions", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
              "--lr", "1e-3", "--save-every", "1", "--no-overturn-mask"])   # (masked, every row here would be off)
     log = read_jsonl(tmp_path / "rl_log.jsonl")
     assert [r["step"] for r in log] == [1, 2]
