@@ -6,12 +6,13 @@ uses: a JSON list of {"conversations": [{"from": "system"|"human"|"gpt", "value"
     replayed through the crop tool; every crop saved as a PNG beside the JSON (lossless, full
     resolution), so a trainer sees exactly the images our engine would show.
   * `read(path)` checks a ShareGPT file (structure, roles, image count, image files) before any
-    work; `tokens(record, processor)` renders one into ids and a loss mask exactly as
+    work (a `conversations` field kept as text, as in the raw dataset, is parsed, never evaluated); `tokens(record, processor)` renders one into ids and a loss mask exactly as
     common.render renders the same trajectory: the assistant's text is trained, and the
     <|im_end|> that closes a turn stopped at </grounding> is not (the environment writes it).
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 from pathlib import Path
@@ -72,9 +73,32 @@ def export(rows: list[dict], out: str | os.PathLike, budget, protocol: Protocol 
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+MAX_FIELD_CHARS = 2_000_000
+
+
+def _parse_field(text: str):
+    """A field stored as text (the raw cold-start dataset keeps `conversations` as the repr of a
+    Python list, which the official script evaluates): parsed as JSON or as a Python literal,
+    never run. None if it is neither."""
+    if len(text) > MAX_FIELD_CHARS:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
 def _check_record(rec, root: Path) -> str | None:
     if not isinstance(rec, dict):
         return "a record must be a JSON object"
+    if isinstance(rec.get("conversations"), str):
+        rec["conversations"] = _parse_field(rec["conversations"])
+        if rec["conversations"] is None:
+            return "field 'conversations' is text that is neither JSON nor a Python literal"
     msgs, images = rec.get("conversations"), rec.get("images")
     if not isinstance(msgs, list) or not msgs:
         return "field 'conversations' must be a non-empty list"

@@ -13,7 +13,7 @@ from PIL import Image
 import make_probe
 import protocol as P
 import sharegpt
-from common import IM_END, IM_START, Budget, Episode, encode_chunk, grade, render
+from common import IM_END, IM_START, Budget, encode_chunk, grade, render
 from data import InputError
 from infer import Engine, Sample, Settings
 
@@ -242,7 +242,12 @@ def test_a_written_sharegpt_file_with_two_images_trains_and_bad_ones_are_named(t
     trained = tok.decode([i for i, m in zip(got["ids"], got["mask"]) if m])
     assert trained == rec["conversations"][1]["value"] + rec["conversations"][3]["value"] + IM_END
     assert tok.decode(got["ids"]).startswith(f"{IM_START}system\nYou are a helpful assistant.{IM_END}")
+    marker = tmp_path / "pwned"
+    as_text = {**rec, "conversations": repr(rec["conversations"])}        # the raw dataset's form
+    f.write_text(json.dumps([as_text]))
+    assert sharegpt.tokens(sharegpt.read(f)[0], proc)["ids"] == got["ids"]
     for broken, msg in [({**rec, "images": ["a.png"]}, "2 images but 'images' lists 1"),
+                        ({**rec, "conversations": f"__import__('os').system('touch {marker}')"}, "neither JSON"),
                         ({**rec, "conversations": rec["conversations"][:3]}, "roles must be"),
                         ({**rec, "images": ["a.png", "missing.png"]}, "missing.png"),
                         ({**rec, "conversations": rec["conversations"][:3] +
@@ -250,6 +255,7 @@ def test_a_written_sharegpt_file_with_two_images_trains_and_bad_ones_are_named(t
         f.write_text(json.dumps([rec, broken]))
         with pytest.raises(InputError, match=f"sg.json: record 1: .*{msg}"):
             sharegpt.read(f)
+    assert not marker.exists()
 
 
 def test_collect_writes_sharegpt_and_sft_reads_it(probe_dir, tmp_path):
