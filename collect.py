@@ -139,19 +139,33 @@ def said(thought: str, action: str) -> str:
 # (a copy, not a search through its own earlier turns). "plain": "I check the next one" (before
 # issue 12). The verdict follows the description in both: "It is a green triangle with the
 # character 8, not the green circle." (base.py's `verify` task teaches the same sentence.)
-STYLES = ("ledger", "plain")
+# "compare": a ledger whose verdict puts the two shapes side by side before deciding ("... with the
+# character 8. I want the green circle: triangle is not circle."), so the decision compares two
+# words just written instead of one word with the question far above.
+STYLES = ("ledger", "plain", "compare")
 
 
-def found(colour: str, shape: str, glyph: str) -> str:
-    return said(verdict(colour, shape, shape, glyph), f"<answer>{glyph}</answer>")
+def judged(colour: str, shape: str, seen_shape: str | None, glyph: str | None, style: str) -> str:
+    """What the crop shows and whether it is the asked-for object, in the style's words."""
+    if style != "compare":
+        return verdict(colour, shape, seen_shape, glyph)
+    want = f"I want the {colour} {shape}:"
+    if not (seen_shape and glyph):
+        return f"I cannot make it out here. {want} not it."
+    same = "is the same." if seen_shape == shape else f"is not {shape}."
+    return f"It is a {colour} {seen_shape} with the character {glyph}. {want} {seen_shape} {same}"
+
+
+def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
+    return said(judged(colour, shape, shape, glyph, style), f"<answer>{glyph}</answer>")
 
 
 def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
            style: str) -> str:
     """A turn after a crop that did not show the asked-for object: say so, then zoom on the next box."""
-    step = ("Left to check: " + ", ".join(fmt_box(b) for b in left) + "." if style == "ledger"
-            else "I check the next one.")
-    return said(f"{verdict(colour, shape, seen_shape, glyph)} {step}", zoom_text(left[0]))
+    step = ("I check the next one." if style == "plain"
+            else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
+    return said(f"{judged(colour, shape, seen_shape, glyph, style)} {step}", zoom_text(left[0]))
 
 
 NO_ANSWER = "<answer>none</answer>"
@@ -191,13 +205,13 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
         got_shape, glyph = check(look(box))
         if got_shape == shape and glyph:
             thought = f"I am looking for the {colour} {shape}. The {colour} {shape} is at {fmt_box(box)}."
-            turns = [said(thought, zoom_text(box)), found(colour, shape, glyph)]
+            turns = [said(thought, zoom_text(box)), found(colour, shape, glyph, style)]
             return {"turns": turns, "answer": glyph, "pattern": "direct"}
         ep = Episode(image, budget)   # fall back to checking every candidate
     listing = ", ".join(fmt_box(cell_box(c)) for c in cells)
     intro = f"I am looking for the {colour} {shape}. The {colour} objects: {listing}."
     if depth_first and len(cells) >= 4 and rng.random() < depth_first:
-        return _depth_first(cells, colour, shape, intro, max_turns, check, look)
+        return _depth_first(cells, colour, shape, intro, max_turns, check, look, style)
     return _one_by_one(cells, colour, shape, intro, max_turns, check, look, style)
 
 
@@ -211,7 +225,7 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
                     "exceeded": True}
         got_shape, glyph = check(look(cell_box(cell)))
         if got_shape == shape and glyph:
-            turns.append(found(colour, shape, glyph))
+            turns.append(found(colour, shape, glyph, style))
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
             turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in cells[i + 1:]], style))
@@ -223,7 +237,7 @@ QUARTERS = {"top-left": [0.0, 0.0, 0.5, 0.5], "top-right": [0.5, 0.0, 1.0, 0.5],
             "bottom-left": [0.0, 0.5, 0.5, 1.0], "bottom-right": [0.5, 0.5, 1.0, 1.0]}
 
 
-def _depth_first(cells, colour, shape, intro, max_turns, check, look) -> dict:
+def _depth_first(cells, colour, shape, intro, max_turns, check, look, style: str = "ledger") -> dict:
     """Zoom into the quarters that hold candidates (most first); in a quarter the shapes can be
     told apart, so zoom again only onto the one that matches, then read it."""
     def quarter(cell):
@@ -248,7 +262,7 @@ def _depth_first(cells, colour, shape, intro, max_turns, check, look) -> dict:
             turns.append(said(f"Here the {colour} {shape} is at {fmt_box(box)}.", zoom_text(box)))
             got_shape, glyph = check(look(box))
             if got_shape == shape and glyph:
-                turns.append(found(colour, shape, glyph))
+                turns.append(found(colour, shape, glyph, style))
                 return {"turns": turns, "answer": glyph, "pattern": "depth_first"}
             break
         if k + 1 < len(order) and len(turns) < max_turns:

@@ -223,15 +223,28 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def start_run(out: Path, init: str, resume: bool, device: str, overwrite: bool = False):
+def start_run(out: Path, init: str, resume: bool, device: str, overwrite: bool = False, world=None):
     """(model, processor, trainer state or None): from `out`'s last checkpoint when resuming and
     there is one, else from `init`. A bad --init fails before `check_out` touches anything. The
     weights are float32 on every device (the master copy that AdamW updates; on CUDA the trainers
-    compute in bfloat16 under autocast): AdamW steps on bfloat16 weights lose small updates."""
-    recover(out)
+    compute in bfloat16 under autocast): AdamW steps on bfloat16 weights lose small updates.
+    Under torchrun (`world`) rank 0 checks and cleans `out`, and every rank follows its answer."""
+    main = world is None or world.main
+    if main:
+        recover(out)
     if init != "tiny" and not (resume and (Path(out) / "trainer_state.pt").exists()):
         resolve_checkpoint(init)
-    if check_out(out, resume, overwrite):
+    if world is not None and world.sharded:
+        try:
+            answer = (check_out(out, resume, overwrite) if main else None, None)
+        except InputError as e:
+            answer = (None, str(e))
+        resuming, error = world.gather(answer)[0]
+        if error:
+            raise InputError(error)
+    else:
+        resuming = check_out(out, resume, overwrite)
+    if resuming:
         model, processor = load(str(out), device=device, dtype=torch.float32)
         state = torch.load(Path(out) / "trainer_state.pt", weights_only=False)
         print(f"resumed from {out} at step {state['step']}")

@@ -28,13 +28,14 @@ import torch
 from tqdm import tqdm
 
 from common import grade
-from data import (NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, load_image, main_cli,
+import parallel
+from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, load_image, main_cli,
                   read_records)
 from eval import judge
 from infer import Engine, Sample, Settings
+from model import check_finite, collate, load, resolve_checkpoint, seed_everything, start_run, token_logprobs
+from parallel import World
 from protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
-from model import (check_finite, collate, load, pick_device, resolve_checkpoint, save_checkpoint,
-                   seed_everything, start_run, token_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, keep: torch.Tensor,
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                loss_mask: torch.Tensor, keep: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.3):
+                loss_mask: torch.Tensor, keep: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.3,
+                n_tokens: float | None = None):
     """The clipped policy-gradient objective, averaged over the tokens that count.
 
     logprobs:     [N, T] log p of each token under the policy being trained
@@ -73,6 +75,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     advantages:   [N]    one per trajectory, shared by all its tokens
     loss_mask:    [N, T] 1 on tokens the model sampled (not prompts, observations, images, padding)
     keep:         [N]    0 for trajectories masked by over-turn masking
+    n_tokens:     the mean's denominator if not this batch's own count of kept tokens (under torchrun:
+                  the count over every rank's share of the mini-batch, divided by the ranks)
     Returns (loss, clip_fraction).
     """
     # --- over-turn masking: keep = 0 switches a whole row off, loss_mask the non-sampled tokens --
@@ -82,7 +86,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = -advantages[:, None] * ratio
     clipped = -advantages[:, None] * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)                            # the pessimistic bound
-    n_tokens = mask.sum().clamp(min=1)
+    n_tokens = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
     loss = (per_token * mask).sum() / n_tokens                               # token mean over kept tokens
     clip_fraction = ((clipped > unclipped) & mask).sum().float() / n_tokens
     return loss, clip_fraction
@@ -122,17 +126,19 @@ class Questions:
         return picked
 
 
-def rollout_groups(engine, questions: Questions, root: Path, args, step: int, judge_engine=None):
+def rollout_groups(engine, questions: Questions, root: Path, args, step: int, judge_engine=None,
+                   n_questions: int | None = None, rank: int = 0):
     """P groups of G rollouts whose rewards do not all tie (tied groups teach nothing: refill, at
-    most 4 rounds). Returns the groups as (trajectories, rewards, keep) and every rollout's
-    (trajectory, reward, correct) for the log, with the number of groups tried and dropped."""
-    G = args.group
+    most 4 rounds); under torchrun P is this rank's share. Returns the groups as (trajectories,
+    rewards, keep) and every rollout's (trajectory, reward, correct) for the log, with the number
+    of groups tried and dropped."""
+    G, P = args.group, n_questions or args.questions
     groups, stats, tried, dropped = [], [], 0, 0
     for attempt in range(4):
-        if len(groups) >= args.questions:
+        if len(groups) >= P:
             break
-        qs = questions.take(args.questions - len(groups))
-        seed = args.seed * 100_003 + step * 101 + attempt
+        qs = questions.take(P - len(groups))
+        seed = args.seed * 100_003 + step * 101 + attempt + rank * 1_000_003
         settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=seed,
                             max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
                             max_images=args.max_images, protocol=args.protocol)
@@ -163,58 +169,78 @@ def kl_penalty(ref, batch, lp) -> torch.Tensor:
     return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
 
 
-def update(model, opt, processor, groups, args, step: int, out: Path, ref=None) -> dict:
-    """Policy-gradient updates on mini-batches of the kept trajectories (the first one is on-policy,
-    ratio = 1). Returns the mean loss, clip fraction and the number of tokens trained on."""
-    trajs = [t for g in groups for t in g[0]]   # (no groups: every one tied, no update this step)
+def as_batch(trajs, idx: list[int], processor, device) -> dict:
+    return collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask, "shown": trajs[i].shown}
+                    for i in idx], processor, device)
+
+
+def minibatches(order: list[int], size: int, world: World, filler: int) -> list[list[int]]:
+    """The kept trajectories in mini-batches of `size`; every rank gets as many as the busiest one
+    (FSDP's gathers need every rank in every step), padded with `filler`, a row that teaches nothing."""
+    chunks = [order[b:b + size] for b in range(0, len(order), size)]
+    return chunks + [[filler]] * (world.max(len(chunks)) - len(chunks))
+
+
+def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, world: World = World(),
+           filler=None) -> dict:
+    """Policy-gradient updates on mini-batches of the kept trajectories. The old log-probs are the
+    trainer's own (one no-grad pass before the first update, so its ratio is 1); their gap to the
+    engine's is logged. `filler` (a trajectory) pads a rank that has fewer mini-batches (or none).
+    Returns the mean loss, clip fraction, tokens trained on and the engine-trainer gap."""
+    trajs = [t for g in groups for t in g[0]] + ([filler] if filler is not None else [])
     rewards = torch.tensor([r for g in groups for r in g[1]], dtype=torch.float)
-    keep = torch.tensor([k for g in groups for k in g[2]], dtype=torch.bool)
-    adv = group_advantages(rewards, args.group, keep, exclude_masked_from_stats=args.stats == "paper")
+    keep = torch.tensor([k for g in groups for k in g[2]] + [False] * (filler is not None), dtype=torch.bool)
+    adv = group_advantages(rewards, args.group, keep[:len(rewards)], exclude_masked_from_stats=args.stats == "paper")
+    adv = torch.cat([adv, torch.zeros(len(trajs) - len(adv))])
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    order = [int(i) for i in np.random.default_rng([args.seed, step]).permutation(len(rewards)) if keep[i]]
+    chunks = minibatches(order, max(1, args.minibatch // world.size), world, len(trajs) - 1)
+    model.eval()
+    with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
+        olds = [token_logprobs(model, as_batch(trajs, idx, processor, device)) for idx in chunks]
+    gap = [0.0, 0]
     model.train()
-    order = [i for i in np.random.default_rng([args.seed, step]).permutation(len(trajs)) if keep[i]]
     losses, clips, n_tok = [], [], 0
-    for b in range(0, len(order), args.minibatch):
-        idx = order[b:b + args.minibatch]
-        batch = collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask, "shown": trajs[i].shown}
-                         for i in idx], processor, device)
-        old = torch.zeros(len(idx), batch["input_ids"].shape[1])
+    for idx, old in zip(chunks, olds):
+        batch = as_batch(trajs, idx, processor, device)
+        engine_lp = torch.zeros_like(old)
         for j, i in enumerate(idx):
-            old[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
-        lp = token_logprobs(model, batch)
-        loss, clip = policy_loss(lp, old.to(device), adv[idx].to(device), batch["loss_mask"],
-                                 keep[idx].to(device), args.clip_low, args.clip_high)
+            engine_lp[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
+        on = batch["loss_mask"].bool() & keep[idx].to(device)[:, None]
+        gap = [gap[0] + float((engine_lp - old).abs()[on].sum()), gap[1] + int(on.sum())]
+        with parallel.autocast(model, args.precision):
+            lp = token_logprobs(model, batch)
+        loss, clip = policy_loss(lp, old, adv[idx].to(device), batch["loss_mask"], keep[idx].to(device),
+                                 args.clip_low, args.clip_high, max(1.0, world.sum(int(on.sum()))) / world.size)
         if ref is not None:
             loss = loss + args.kl * kl_penalty(ref, batch, lp)
         check_finite(loss, step + 1, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        parallel.grad_norm(model, 1.0)
         opt.step()
         losses.append(loss.item())
         clips.append(clip.item())
         n_tok += int(batch["attention_mask"].sum())
     return {"loss": float(np.mean(losses)) if losses else 0.0,
-            "clip_fraction": float(np.mean(clips)) if clips else 0.0, "n_tok": n_tok}
+            "clip_fraction": float(np.mean(clips)) if clips else 0.0, "n_tok": n_tok,
+            "logprob_gap": gap[0] / max(gap[1], 1)}
 
 
-def step_record(step: int, stats, tried: int, dropped: int, upd: dict, seconds: float) -> dict:
-    """What one step logs: reward and accuracy of every rollout, how it searched, and the update."""
-    trajs = [s[0] for s in stats]
-    return {"step": step, "reward_mean": float(np.mean([s[1] for s in stats])),
-            "accuracy": float(np.mean([s[2] for s in stats])),
-            "mean_turns": float(np.mean([t.turns for t in trajs])),
-            "share_exceeded": float(np.mean([t.exceeded for t in trajs])),
-            "share_truncated": float(np.mean([t.truncated for t in trajs])),
-            "share_groups_dropped": dropped / max(tried, 1), "loss": upd["loss"],
-            "clip_fraction": upd["clip_fraction"],
-            "tokens_per_s": (sum(len(t.token_ids) for t in trajs) + upd["n_tok"]) / seconds}
+def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict], seconds: float) -> dict:
+    """What one step logs: reward and accuracy of every rollout, how it searched, and the update.
+    `stats` holds (reward, correct, turns, exceeded, truncated, tokens) of every rank's rollouts,
+    `upd` every rank's update figures."""
+    s = np.array(stats, dtype=float).reshape(-1, 6)
+    return {"step": step, "reward_mean": float(s[:, 0].mean()), "accuracy": float(s[:, 1].mean()),
+            "mean_turns": float(s[:, 2].mean()), "share_exceeded": float(s[:, 3].mean()),
+            "share_truncated": float(s[:, 4].mean()), "share_groups_dropped": dropped / max(tried, 1),
+            "loss": float(np.mean([u["loss"] for u in upd])),
+            "clip_fraction": float(np.mean([u["clip_fraction"] for u in upd])),
+            "logprob_gap": float(np.mean([u["logprob_gap"] for u in upd])),
+            "tokens_per_s": (s[:, 5].sum() + sum(u["n_tok"] for u in upd)) / seconds}
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = ap.add_argument_group("input and output")
@@ -236,6 +262,8 @@ def parse_args(argv=None):
     ro.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
     ro.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
     ro.add_argument("--max-batch", type=POSITIVE, default=32, help="engine rows at a time")
+    ro.add_argument("--rollout-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the engine's weights (auto: bfloat16 on CUDA, float32 on the CPU)")
     rw = ap.add_argument_group("rewards")
     rw.add_argument("--judge", help="an LLM judge (path or hub name) instead of the rule match")
     rw.add_argument("--judge-prompt", help="the judge's texts (see eval.py --judge-prompt)")
@@ -248,57 +276,87 @@ def parse_args(argv=None):
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
+    op.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                    help="compute on CUDA: bf16 over float32 weights, or float32 throughout")
+    op.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")
     add_protocol_args(ap)
     return parse_with_preset(ap, argv)
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    args.protocol = protocol_from_args(args)       # (prompts files are read before any work)
-    args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
-    device, out = pick_device(), Path(args.out)
+def rollout_model(model, args, world: World):
+    """The weights the engine runs on, in --rollout-dtype: the trainer's own in one process at its
+    dtype, else an unsharded replica that `parallel.copy_weights` refreshes before each step."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.rollout_dtype)
+    dtype = dtype or (torch.bfloat16 if world.device.startswith("cuda") else torch.float32)
+    if not world.sharded and dtype == next(model.parameters()).dtype:
+        return model
+    return load(args.model, device=world.device, dtype=dtype)[0].eval()
+
+
+def start(args, out: Path, world: World):
+    """The trainer's model (FSDP2 under torchrun), its optimizer, the rollout engine on its own
+    weights, the question stream (this rank's share) and the step to start from."""
     rows = read_records(args.data)                 # every input is checked before any work
     if args.judge:
         resolve_checkpoint(args.judge)
     seed_everything(args.seed)
-    model, processor, state = start_run(out, args.model, args.resume, device, args.overwrite)
+    model, processor, state = start_run(out, args.model, args.resume, world.device, args.overwrite, world)
     for p in model.model.visual.parameters():      # the vision tower stays frozen, as in SFT
         p.requires_grad_(False)
+    apply_pixels(processor, args)
+    parallel.prepare(model, args.grad_checkpointing, args.precision, world)   # (FSDP2 under torchrun)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
                             weight_decay=0.0)
-    ref = load(args.model, device=device)[0] if args.kl > 0 else None
-    judge_engine = Engine(*load(args.judge, device=device), max_batch=args.max_batch) if args.judge else None
-    step = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-    questions = Questions(rows, args.seed, state["cursor"] if state else 0)
-    apply_pixels(processor, args)
-    engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
+        parallel.load_optimizer(model, opt, out, state, world)
+    cursor = state["cursor"] if state else 0        # (one per rank under torchrun)
+    questions = Questions(rows[world.rank::world.size], args.seed,
+                          cursor[world.rank] if isinstance(cursor, list) else cursor)
+    replica = rollout_model(model, args, world)
+    engine = Engine(replica, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
+    return model, processor, opt, engine, questions, state["step"] if state else 0
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    args.protocol = protocol_from_args(args)       # (prompts files are read before any work)
+    args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
+    out, world = Path(args.out), parallel.setup()
+    if args.questions % world.size:
+        raise InputError(f"--questions {args.questions} must be a multiple of the {world.size} ranks")
+    model, processor, opt, engine, questions, step = start(args, out, world)
+    ref = load(args.model, device=world.device)[0] if args.kl > 0 else None
+    judge_engine = Engine(*load(args.judge, device=world.device), max_batch=args.max_batch) if args.judge else None
     log = out.parent / (out.name + "_log.jsonl")
-    bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True, disable=not world.main)
     while step < args.steps:
         t0 = time.time()
+        if engine.decoder.model is not model:       # the engine's replica takes the trainer's weights
+            parallel.copy_weights(model, engine.decoder.model)
         model.eval()
         groups, stats, tried, dropped = rollout_groups(engine, questions, Path(args.data).parent, args, step,
-                                                       judge_engine)
-        upd = update(model, opt, processor, groups, args, step, out, ref)
+                                                       judge_engine, args.questions // world.size, world.rank)
+        upd = update(model, opt, processor, groups, args, step, out, ref, world, stats[0][0])
         step += 1
-        record = step_record(step, stats, tried, dropped, upd, time.time() - t0)
-        append_jsonl(log, record)
+        light = [(r, c, t.turns, t.exceeded, t.truncated, len(t.token_ids)) for t, r, c in stats]
+        record = step_record(step, sum(world.gather(light), []), int(world.sum(tried)), int(world.sum(dropped)),
+                             world.gather(upd), time.time() - t0)
+        if world.main:
+            append_jsonl(log, record)
+            tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         bar.set_postfix(acc=f"{record['accuracy']:.2f}", turns=f"{record['mean_turns']:.1f}",
                         exc=f"{record['share_exceeded']:.2f}")
         bar.update(1)
-        tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in record.items()))
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(model, processor, out, {"trainer_state.pt": {
-                "optimizer": opt.state_dict(), "step": step, "cursor": questions.cursor,
+            parallel.save(model, opt, processor, out, world, {"trainer_state.pt": {
+                "step": step, "cursor": world.gather(questions.cursor) if world.sharded else questions.cursor,
                 "args": {k: v for k, v in vars(args).items() if k not in ("protocol", "judge_texts")}}})
     bar.close()
-    print(f"saved {out} after {step} steps")
+    if world.main:
+        print(f"saved {out} after {step} steps")
+    parallel.close(world)
 
 
 if __name__ == "__main__":

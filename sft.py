@@ -27,14 +27,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import parallel
 import sharegpt
 from common import PLAIN_SYSTEM_PROMPT, grade, render
 from data import (InputError, NONNEGATIVE, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
                   read_jsonl, read_records)
 from eval import line_plot
 from infer import Engine, Sample, Settings
+from parallel import World
 from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
-from model import (check_finite, collate, pick_device, save_checkpoint, seed_everything, start_run,
+from model import (check_finite, collate, seed_everything, start_run,
                    token_logprobs)
 
 
@@ -93,27 +95,34 @@ def epoch_order(rows: list[dict], size: int, rng: np.random.Generator) -> np.nda
 
 
 def file_batch(rows: list[dict], step: int, size: int, seed: int, processor, max_tokens: int | None = None,
-               protocol: Protocol = DEFAULT):
+               protocol: Protocol = DEFAULT, part: tuple[int, int] = (0, 1)):
     """Batch number `step` of the epoch it falls in, rendered into tokens. A record with `turns` is
     a trajectory (replayed under `protocol`), one with `conversations` a ShareGPT record (its own
-    texts); one with neither (a base record) is one turn answering with its solution."""
+    texts); one with neither (a base record) is one turn answering with its solution. `part` =
+    (rank, ranks): only this rank's share, every ranks-th sample; a rank left without one gets
+    the batch's first sample with no token to learn from (it must still take part in the step)."""
     per_epoch = max(1, len(rows) // size)
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(rows, size, np.random.default_rng([seed, epoch]))
-    out = []
-    for i in order[k * size:(k + 1) * size]:
-        row = rows[int(i)]
-        if "conversations" in row:
-            out.append(sharegpt.tokens(row, processor, max_tokens))
-            continue
-        system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else protocol.system
-        turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
-        try:
-            out.append(render(load_image(row, row["_root"]), row["problem"], turns, processor, system=system,
-                              max_tokens=max_tokens, protocol=protocol))
-        except InputError as e:
-            raise InputError(f"record {row.get('doc_id', int(i))}: {e}") from None
+    batch = order[k * size:(k + 1) * size]
+    mine = batch[part[0]::part[1]]
+    out = [_render_row(rows, int(i), processor, max_tokens, protocol) for i in (mine if len(mine) else batch[:1])]
+    if not len(mine):
+        out[0]["mask"] = [False] * len(out[0]["mask"])
     return out
+
+
+def _render_row(rows: list[dict], i: int, processor, max_tokens: int | None, protocol: Protocol) -> dict:
+    row = rows[i]
+    if "conversations" in row:
+        return sharegpt.tokens(row, processor, max_tokens)
+    system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else protocol.system
+    turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
+    try:
+        return render(load_image(row, row["_root"]), row["problem"], turns, processor, system=system,
+                      max_tokens=max_tokens, protocol=protocol)
+    except InputError as e:
+        raise InputError(f"record {row.get('doc_id', i)}: {e}") from None
 
 
 _JOB: dict = {}   # the micro-batch maker; set before the pool forks, so nothing is pickled
@@ -205,11 +214,14 @@ def optimizer(model, args, extras: dict):
 
 
 def train_step(model, micro: list[dict], loss_fn, step: int, out: Path,
-               bf16: bool = True) -> tuple[float, int]:
+               bf16: bool = True, world: World = World()) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step (gradients accumulate).
     Returns the summed loss and the number of tokens seen. On CUDA with `bf16` the matrix work runs in
-    bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision)."""
-    n_tok = max(1, sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b))
+    bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision).
+    Under torchrun the token count is summed over the ranks and divided by their number (FSDP
+    averages the gradients), so the step equals one process that saw every rank's samples."""
+    n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b)
+    n_tok = max(1.0, world.sum(n_tok)) / world.size
     total_loss, total_tokens = 0.0, 0
     for batch in micro:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and batch["pixel_values"].is_cuda):
@@ -218,59 +230,65 @@ def train_step(model, micro: list[dict], loss_fn, step: int, out: Path,
         loss.backward()
         total_loss += loss.item()
         total_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-    return total_loss, total_tokens
+    return world.sum(total_loss) / world.size, int(world.sum(total_tokens))
+
+
+def resume_state(state: dict, model, opt, sched, extras: dict, out: Path, world: World) -> int:
+    """Put a checkpoint's optimizer, schedule, RNG and extra modules back; returns its step."""
+    parallel.load_optimizer(model, opt, out, state, world)
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    for name, module in extras.items():
+        module.load_state_dict(state[name])
+    return state["step"]
 
 
 def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_loss, evaluate=None,
-          extras: dict | None = None):
-    """The loop: `make_micro(k)` gives (task name or None, micro-batch k), `loss_fn(model, batch,
-    n_tokens, n_micro)` its loss, `evaluate(model)` a dict of held-out figures every --eval-every
-    steps; `extras` are modules trained alongside the model (saved in trainer_state.pt)."""
+          extras: dict | None = None, world: World | None = None):
+    """The loop: `make_micro(k)` gives (task name or None, micro-batch k; under torchrun this
+    rank's share of it), `loss_fn(model, batch, n_tokens, n_micro)` its loss, `evaluate(model)` a
+    dict of held-out figures every --eval-every steps; `extras` are modules trained alongside the
+    model (saved in trainer_state.pt). Rank 0 logs and shows progress."""
     extras, out, device = extras or {}, Path(args.out), next(model.parameters()).device
+    world = world or World(device=str(device))
     model.train()
     opt, sched = optimizer(model, args, extras)
-    step = 0
-    if state:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        for name, module in extras.items():
-            module.load_state_dict(state[name])
+    step = resume_state(state, model, opt, sched, extras, out, world) if state else 0
     log = out.parent / (out.name + "_log.jsonl")
     data = micro_batches(make_micro, step * args.accum, args.steps * args.accum, args.workers)
-    bar = tqdm(total=args.steps, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc="sft", dynamic_ncols=True, disable=not world.main)
     t0, tokens = time.time(), 0
     while step < args.steps:
         opt.zero_grad(set_to_none=True)
         micro = [next(data) for _ in range(args.accum)]
-        task = micro[-1][0]
         batches = [{k: v.to(device) for k, v in b.items()} for _, b in micro]
-        loss, n = train_step(model, batches, loss_fn, step, out, args.precision == "bf16")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        loss, n = train_step(model, batches, loss_fn, step, out, args.precision == "bf16", world)
+        gnorm = parallel.grad_norm(model, args.clip)
         opt.step()
         sched.step()
         step, tokens = step + 1, tokens + n
         rate = tokens / (time.time() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
-        record = {"step": step, "task": task, "loss": loss, "grad_norm": float(gnorm),
+        record = {"step": step, "task": micro[-1][0], "loss": loss, "grad_norm": gnorm,
                   "lr": sched.get_last_lr()[0], "tokens_per_s": rate, "time": time.time()}
         if evaluate and (step % args.eval_every == 0 or step == args.steps):
             model.eval()
             record["eval"] = evaluate(model)
             model.train()
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
-        append_jsonl(log, record)
-        if "eval" in record:
-            plot_curves(log, log.with_suffix(".png"))
+        if world.main:
+            append_jsonl(log, record)
+            if "eval" in record:
+                plot_curves(log, log.with_suffix(".png"))
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(model, processor, out, {"trainer_state.pt": {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "args": vars(args),
+            parallel.save(model, opt, processor, out, world, {"trainer_state.pt": {
+                "scheduler": sched.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
+                "args": vars(args), "world_size": world.size,
                 **{name: module.state_dict() for name, module in extras.items()}}})
     bar.close()
-    print(f"saved {out} after {step} steps")
+    if world.main:
+        print(f"saved {out} after {step} steps")
 
 
 def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: int):
@@ -297,6 +315,8 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     run = ap.add_argument_group("machine")
     run.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0: torch's default)")
     run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
+    run.add_argument("--grad-checkpointing", action="store_true",
+                     help="recompute activations in the backward pass (memory for compute)")
     run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                      help="compute on CUDA: bf16 autocast over float32 weights, or float32 throughout")
 
@@ -315,17 +335,22 @@ def main(argv: list[str] | None = None):
         torch.set_num_threads(args.threads)
     rows = read_trajectories(args.data)             # every input is checked before any work
     held_out = read_held_out(args.eval_data, args.eval_n, ("images", "problem", "solution"))
+    world = parallel.setup()
+    if world.sharded and held_out:
+        raise InputError("--eval-data works in one process only; under torchrun evaluate the checkpoint with eval.py")
     seed_everything(args.seed)
-    model, processor, state = start_run(Path(args.out), args.init, args.resume, pick_device(), args.overwrite)
+    model, processor, state = start_run(Path(args.out), args.init, args.resume, world.device, args.overwrite, world)
     apply_pixels(processor, args)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
+    parallel.prepare(model, args.grad_checkpointing, args.precision, world)
     make = lambda k: (None, collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens,
-                                               protocol), processor, "cpu"))
+                                               protocol, (world.rank, world.size)), processor, "cpu"))
     evaluate = None
     if held_out:
         evaluate = lambda m: evaluate_search(m, processor, held_out, Path(args.eval_data).parent, protocol=protocol)
-    train(args, model, processor, state, make, sft_loss, evaluate)
+    train(args, model, processor, state, make, sft_loss, evaluate, world=world)
+    parallel.close(world)
 
 
 if __name__ == "__main__":
