@@ -78,16 +78,20 @@ class _Step:
     start: torch.Tensor        # [n] tokens already cached in each row
     lens: torch.Tensor         # [n] tokens fed in this pass
     write: torch.Tensor        # [n, T] cache positions of the new tokens
-    mask: torch.Tensor         # [n, 1, T, L] which cached keys each new query sees
+    mask: torch.Tensor | None  # [n, 1, T, L] which cached keys each new query sees (None: flash)
     L: int                     # cached length to read after writing
     contiguous: bool           # slots are 0..n-1
+    fits: bool                 # every row's chunk fits in the cache (flash writes it whole)
 
 
 # ----------------------------------------------------------------------------------------------
 # The decoder
 # ----------------------------------------------------------------------------------------------
 class Decoder:
-    def __init__(self, model, processor, max_batch: int, max_len: int, device=None):
+    def __init__(self, model, processor, max_batch: int, max_len: int, device=None, attention: str = "auto"):
+        """attention: "auto" (flash_attn_with_kvcache on CUDA in fp16/bf16 when it is installed, else
+        scaled_dot_product_attention), "flash" or "sdpa" to force one (tests run the flash branch on
+        the CPU through a reference implementation)."""
         self.model, self.processor, self.tok = model, processor, processor.tokenizer
         self.device = device or next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -99,7 +103,9 @@ class Decoder:
         self.section = list(cfg.rope_parameters.get("mrope_section", [16, 24, 24]))
         self.inv_freq = self.lm.rotary_emb.inv_freq.float().to(self.device)
         self.max_len = max_len
-        self.use_flash = flash_attn_with_kvcache is not None and self.device.type == "cuda"
+        self.use_flash = attention == "flash" or (attention == "auto" and flash_attn_with_kvcache is not None
+                                                  and self.device.type == "cuda"
+                                                  and self.dtype in (torch.float16, torch.bfloat16))
         self.cache = KVCache(len(self.lm.layers), max_batch, max_len, self.n_kv, self.head_dim, self.dtype,
                              self.device, "flash" if self.use_flash else "sdpa")
         self.fuse = self.device.type == "cpu"   # small CPU models: fewer, larger matrix products
@@ -176,17 +182,24 @@ class Decoder:
             nexts.append(nxt)
         return ids, pos, nexts, pixels
 
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """Host numbers onto the device without waiting (pinned memory, non-blocking copy on CUDA)."""
+        t = torch.tensor(values)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def _step(self, slots, chunks, starts) -> _Step:
+        """Everything a pass needs to know about where it writes and reads, computed from the host's
+        own lists (never read back from the device: no synchronisation)."""
         dev, T = self.device, max(len(c) for c in chunks)
-        lens = torch.tensor([len(c) for c in chunks], device=dev)
-        start = torch.tensor(starts, device=dev)
+        lens, start = self._to_device([len(c) for c in chunks]), self._to_device(starts)
         write = (start[:, None] + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)   # [n, T]
-        L = int((start + lens).max())
-        # query i of row r sees keys 0 .. start_r + i (its own chunk causally, never padding)
-        limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
-        mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n, 1, T, L]
+        L = max(s + len(c) for s, c in zip(starts, chunks))
+        fits, mask = max(starts) + T <= self.max_len, None
+        if not (self.use_flash and fits):   # query i of row r sees keys 0 .. start_r + i (causal, no padding)
+            limit = start[:, None] + torch.minimum(torch.arange(T, device=dev)[None], lens[:, None] - 1)
+            mask = (torch.arange(L, device=dev)[None, None] <= limit[..., None])[:, None]   # [n, 1, T, L]
         contiguous = slots == list(range(len(slots)))
-        return _Step(torch.tensor(slots, device=dev), start, lens, write, mask, L, contiguous)
+        return _Step(self._to_device(slots), start, lens, write, mask, L, contiguous, fits)
 
     def _layer(self, i: int, x, cos, sin, st: _Step):
         """One decoder layer over x [n, T, hidden]; the new keys and values go into the cache."""
@@ -202,7 +215,7 @@ class Decoder:
         qk = self._rotate(torch.cat([q, k], -1).view(n, T, -1, self.head_dim).transpose(1, 2), cos, sin)
         q, k = qk[:, :self.n_heads], qk[:, self.n_heads:].transpose(1, 2)      # k: [n, T, kv, d]
         v = v.view(n, T, self.n_kv, self.head_dim)
-        if self.use_flash and int(st.start.max()) + T <= self.max_len:   # flash writes the cache itself
+        if self.use_flash and st.fits:   # flash writes the cache itself
             o = flash_attn_with_kvcache(q.transpose(1, 2), self.cache.k[i], self.cache.v[i], k=k, v=v,
                                         cache_seqlens=st.start.int(), cache_batch_idx=st.slot.int(),
                                         causal=True)
@@ -225,7 +238,7 @@ class Decoder:
         token ([n, vocab]) and the M-RoPE position that follows each chunk.
         `starts` are the rows' cache lengths, `positions` their next M-RoPE positions."""
         ids, pos, nexts, pixels = self._inputs(chunks, images, positions)
-        ids, pos = ids.to(self.device), pos.to(self.device)
+        ids, pos = ids.to(self.device, non_blocking=True), pos.to(self.device, non_blocking=True)
         x = self.lm.embed_tokens(ids)
         if pixels is not None:
             pixel_values, grids = pixels

@@ -100,31 +100,42 @@ class Settings:
 # Choosing the next token
 # ----------------------------------------------------------------------------------------------
 class TokenChooser:
-    """Each row's next token from its logits: processor-only ids are never chosen, then greedy or
-    temperature/top-p sampling from one seeded generator; a scripted (forced) token overrides the
-    choice. The log-probability returned is that of the full distribution at temperature 1."""
+    """Each row's next token from its logits, on the logits' device: processor-only ids get a -inf
+    bias (never chosen), then greedy or temperature/top-p sampling from one seeded generator; a
+    scripted (forced) token overrides the choice. The log-probability returned is that of the full
+    distribution at temperature 1. `choose` reads nothing back to the host; `__call__` is the one
+    read per step the engine makes."""
 
     def __init__(self, banned: torch.Tensor, settings: Settings):
         self.banned, self.s = banned, settings
-        self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.bias, self.gen = None, None
+
+    def choose(self, logits: torch.Tensor, forced: list[int | None] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [rows], their log-probs [rows]) as tensors on the logits' device."""
+        if self.bias is None or self.bias.device != logits.device or self.bias.numel() != logits.shape[-1]:
+            self.bias = torch.zeros(logits.shape[-1], device=logits.device)
+            self.bias[self.banned.to(logits.device)] = float("-inf")
+            self.gen = torch.Generator(device=logits.device).manual_seed(self.s.seed)
+        logp = F.log_softmax(logits, -1)
+        allowed = logits + self.bias
+        chosen = allowed.argmax(-1) if self.s.greedy else self.sample(allowed)
+        if any(t is not None for t in forced):
+            scripted = torch.tensor([-1 if t is None else t for t in forced]).to(chosen.device, non_blocking=True)
+            chosen = torch.where(scripted >= 0, scripted, chosen)
+        return chosen, logp.gather(1, chosen[:, None])[:, 0]
 
     def __call__(self, logits: torch.Tensor, forced: list[int | None]) -> tuple[list[int], list[float]]:
-        logp = F.log_softmax(logits, -1)
-        allowed = logits.index_fill(1, self.banned.to(logits.device), float("-inf"))
-        chosen = allowed.argmax(-1) if self.s.greedy else self.sample(allowed)
-        for j, token in enumerate(forced):
-            if token is not None:
-                chosen[j] = token
-        chosen_lp = logp.gather(1, chosen[:, None].to(logp.device))[:, 0]
-        return chosen.tolist(), chosen_lp.tolist()
+        chosen, lp = self.choose(logits, forced)
+        both = torch.stack([chosen.double(), lp.double()]).cpu().tolist()   # one read back
+        return [int(t) for t in both[0]], both[1]
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of [rows, vocab] logits: temperature, then top-p (nucleus) filtering."""
-        probs = F.softmax(logits.float() / max(self.s.temperature, 1e-6), -1).cpu()
+        probs = F.softmax(logits.float() / max(self.s.temperature, 1e-6), -1)
         if self.s.top_p < 1.0:
             sorted_p, order = probs.sort(-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= self.s.top_p   # keep the smallest set reaching top_p
-            sorted_p[drop] = 0.0
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
 

@@ -1,0 +1,131 @@
+"""The decode step's pieces: the sampler on the device (its distribution, banned ids, seeding), no
+read back to the host inside a decode step, and the flash-attn branch run through a reference
+implementation of `flash_attn_with_kvcache`'s documented semantics."""
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import decoder
+import make_probe
+from common import encode_chunk
+from infer import Engine, Sample, Settings, TokenChooser
+
+ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "original_image"}}</grounding>'
+
+
+def test_sampler_matches_softmax_in_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 40_000
+    for temperature, top_p in [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)]:
+        chooser = TokenChooser(torch.tensor([], dtype=torch.long), Settings(temperature=temperature, top_p=top_p))
+        tokens, _ = chooser.choose(logits.expand(n, -1))
+        counts = np.bincount(tokens.numpy(), minlength=6)
+        p = torch.softmax(logits[0] / temperature, -1).numpy()
+        if top_p < 1:                        # the smallest set of most likely tokens reaching top_p
+            keep = (np.cumsum(p) - p) < top_p
+            p = np.where(keep, p, 0) / p[keep].sum()
+            assert counts[~keep].sum() == 0
+        seen = p > 0
+        chi2 = (((counts[seen] - n * p[seen]) ** 2) / (n * p[seen])).sum()
+        assert chi2 < 22.5, (temperature, top_p, chi2)   # df <= 5, p = 0.0004
+
+
+def test_sampler_never_emits_a_banned_id_and_is_seeded():
+    logits = torch.zeros(500, 8)
+    logits[:, 3] = 10.0                       # the banned id is by far the most likely
+    for greedy in (True, False):
+        s = Settings(greedy=greedy, seed=7)
+        tokens, lps = TokenChooser(torch.tensor([3]), s).choose(logits)
+        assert not (tokens == 3).any()
+        assert torch.allclose(lps, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+    a = TokenChooser(torch.tensor([3]), Settings(seed=7)).choose(logits)[0]
+    b = TokenChooser(torch.tensor([3]), Settings(seed=7)).choose(logits)[0]
+    c = TokenChooser(torch.tensor([3]), Settings(seed=8)).choose(logits)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    forced = TokenChooser(torch.tensor([3]), Settings(greedy=True)).choose(logits[:2], [5, None])[0]
+    assert forced.tolist()[0] == 5
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a tensor's value back to the host (.item(), int(t), ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _no_host_reads(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a host read inside the decode step")
+    for name in ("tolist", "item", "numpy", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_a_decode_step_and_its_sampling_read_nothing_back(tiny, monkeypatch):
+    model, proc = tiny
+    img, fields, _ = make_probe.probe_sample(np.random.default_rng(1), "medium")
+    eng = Engine(model, proc, max_batch=3)
+    prompt = encode_chunk(proc.tokenizer, "<think>a</think>")
+    dec = eng.decoder
+    dec.forward([0, 1, 2], [prompt, prompt[:3], prompt[:5]], [[], [], []], [0, 0, 0], [0, 0, 0])
+    chooser = TokenChooser(eng.banned, Settings(temperature=1.0, top_p=0.9))
+    starts = [len(prompt), 3, 5]
+    with monkeypatch.context() as m, HostReads() as reads:
+        _no_host_reads(m)
+        logits, _ = dec.forward([0, 1, 2], [[5], [6], [7]], [[], [], []], starts, starts)
+        tokens, lps = chooser.choose(logits, [None, None, None])
+    assert reads.reads == []
+    assert tokens.shape == (3,) and lps.shape == (3,)
+
+
+def flash_reference(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None,
+                    causal=False):
+    """flash_attn_with_kvcache as documented: q [b, T, H, d]; the caches [rows, Lmax, kv, d]; k, v
+    [b, T, kv, d] are written into row cache_batch_idx[i] from position cache_seqlens[i]; each query
+    attends to that row's keys 0 .. seqlens + T - 1, causally aligned to the bottom right (query j
+    sees keys <= seqlens + j); kv heads are shared by H / kv query heads. Returns [b, T, H, d]."""
+    b, T, H, d = q.shape
+    rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(b)
+    out = []
+    for i in range(b):
+        r, s = int(rows[i]), int(cache_seqlens[i])
+        if k is not None:
+            k_cache[r, s:s + T], v_cache[r, s:s + T] = k[i], v[i]
+        L = s + T
+        g = H // k_cache.shape[2]
+        K = k_cache[r, :L].transpose(0, 1).repeat_interleave(g, 0)   # [H, L, d]
+        V = v_cache[r, :L].transpose(0, 1).repeat_interleave(g, 0)
+        scores = q[i].transpose(0, 1) @ K.transpose(-1, -2) / d ** 0.5   # [H, T, L]
+        if causal:
+            seen = torch.arange(L)[None, :] <= (s + torch.arange(T))[:, None]
+            scores = scores.masked_fill(~seen, float("-inf"))
+        out.append((scores.softmax(-1) @ V).transpose(0, 1))
+    return torch.stack(out)
+
+
+def test_the_flash_branch_equals_sdpa_through_the_reference(tiny, monkeypatch):
+    model, proc = tiny
+    tok = proc.tokenizer
+    monkeypatch.setattr(decoder, "flash_attn_with_kvcache", flash_reference)
+    scenes = [make_probe.probe_sample(np.random.default_rng(s), "medium") for s in (1, 2, 3)]
+    zoom = lambda box: encode_chunk(tok, ZOOM.format(box=box))
+    samples = lambda: [Sample(scenes[0][0], scenes[0][1]["problem"], forced=[zoom("[0.0, 0.0, 0.5, 0.5]")]),
+                       Sample(scenes[1][0], scenes[1][1]["problem"]),
+                       Sample(scenes[2][0], "<image>\nA longer question about a small yellow diamond?",
+                              forced=[zoom("[0.5, 0.5, 1.0, 1.0]"), zoom("[0.2, 0.2, 0.4, 0.4]")])]
+    runs = []
+    for attention in ("sdpa", "flash"):
+        eng = Engine(model, proc, max_batch=2)            # 3 samples, 2 rows: rows leave and join
+        eng.decoder = decoder.Decoder(model, proc, 2, eng.max_len, attention=attention)
+        assert eng.decoder.use_flash == (attention == "flash") and eng.decoder.cache.layout == attention
+        runs.append(eng.run(samples(), greedy=True, max_turns=3, max_turn_tokens=12, progress=False))
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
