@@ -1,11 +1,14 @@
-"""The engine's benchmark: `python bench.py` prints one JSON object last.
+"""The engine's benchmark: `python bench.py [--repeats 5]` prints one JSON object last.
 
 1. Decode throughput, engine vs transformers' `model.generate`, same model, same prompts, greedy,
-   the same number of new tokens, at batch 1 and 16 (prefill included in both).
+   at batch 1 and 16. Decode is timed apart from the prefill: the time of a call making N + 1 new
+   tokens minus that of a call making 1. After a warm-up each figure is measured --repeats times
+   and reported as the median with its spread (min, max); the whole call (prefill included) too.
 2. A 6-turn rollout with an image in every observation, engine (cache kept across turns) vs the
    same rollout re-sending the whole history each turn: wall time and prefill tokens.
-On CUDA it also runs a Qwen2.5-VL-7B-shaped random model in bf16 at batch 64 and reports the
-fraction of the memory-bandwidth bound.
+On CUDA it also runs a Qwen2.5-VL-7B-shaped random model in bf16 at batch 1, 16 and 64: decode
+tokens/s, ms per step, and the fraction of the memory-bandwidth roofline ((weights + KV read per
+step) / measured copy bandwidth), against `generate` at batch 64.
 """
 from __future__ import annotations
 
@@ -117,72 +120,116 @@ def multiturn(model, processor, images, turns=6):
             "prefill_tokens_resend": resend_prefill, "trajectory_tokens": sum(len(r.token_ids) for r in res)}
 
 
-def bandwidth_fraction(model, processor, batch=64, new_tokens=64):
-    """(weights + KV read per decode step) / step time, as a share of the measured copy bandwidth."""
+def decode_figures(model, processor, b: int, new_tokens: int, repeats: int, hf: bool = True) -> dict:
+    """Decode tokens/s of the engine (and generate), median and spread over `repeats` after a warm-up."""
+    images = _images(b)
+    engine_generate(model, processor, images, 2)               # warm up both paths (first-call costs)
+    if hf:
+        hf_generate(model, processor, images, 2)
+    runs = []
+    for _ in range(repeats):
+        e1, _ = engine_generate(model, processor, images, 1)
+        te, ids_e = engine_generate(model, processor, images, new_tokens + 1)
+        row = {"engine": b * new_tokens / (te - e1), "engine_ms_per_step": 1000 * (te - e1) / new_tokens,
+               "engine_call_s": te}
+        if hf:
+            h1, _ = hf_generate(model, processor, images, 1)
+            th, ids_h = hf_generate(model, processor, images, new_tokens + 1)
+            row.update(hf=b * new_tokens / (th - h1), call_speedup=th / te, match=ids_e == ids_h)
+            row["speedup"] = row["engine"] / row["hf"]
+        runs.append(row)
+    out = {}
+    for key in runs[0]:
+        if key == "match":
+            out[f"outputs_match_b{b}"] = all(r["match"] for r in runs)
+            continue
+        v = np.array([r[key] for r in runs])
+        out[f"{key}_b{b}"] = {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+    return out
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy (read + write), the roofline's denominator."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x.clone()
     torch.cuda.synchronize()
     t = time.time()
     for _ in range(10):
         x.clone()
     torch.cuda.synchronize()
-    bw = 2 * 10 * x.numel() / (time.time() - t)
-    images = _images(batch)
-    secs, _ = engine_generate(model, processor, images, new_tokens)
+    return 2 * 10 * x.numel() / (time.time() - t)
+
+
+def roofline(model, processor, figures: dict, b: int, new_tokens: int, bw: float) -> float:
+    """(weights + KV bytes read per decode step) / step time / copy bandwidth."""
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
     cfg = model.config.text_config
-    ctx = 300 + new_tokens / 2
+    prompt = len(encode_chunk(processor.tokenizer, prompt_text(QUESTION),
+                              [image_token_count(processor.budget.resize(_images(1)[0]))]))
+    ctx = prompt + new_tokens / 2                                  # the mean cached length over the steps
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * ctx * batch   # K and V, bf16
-    step = secs / new_tokens
-    return {"gpu_tokens_per_s_b64": batch * new_tokens / secs, "bandwidth_GBps": bw / 1e9,
-            "bandwidth_bound_fraction": (weights + kv) / step / bw}
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * ctx * b   # K and V, bf16
+    step_s = figures[f"engine_ms_per_step_b{b}"]["median"] / 1000
+    return (weights + kv) / step_s / bw
 
 
-def bench(new_tokens: int = 64, tiny: bool = True):
+def gpu_figures(processor, new_tokens: int, repeats: int) -> dict:
+    from decoder import flash_attn_with_kvcache
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tiny_cfg = build_tiny()[0].config
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    text = dict(vocab_size=len(processor.tokenizer), hidden_size=3584, intermediate_size=18944,
+                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_parameters=rope)
+    vision = dict(depth=32, hidden_size=1280, out_hidden_size=3584, num_heads=16, intermediate_size=3420)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=tiny_cfg.image_token_id,
+                           video_token_id=tiny_cfg.video_token_id,
+                           vision_start_token_id=tiny_cfg.vision_start_token_id)
+    with torch.device("cuda"):
+        big = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    out = {"gpu_model": "Qwen2.5-VL-7B-shaped, random, bf16",
+           "gpu_attention": "flash_attn_with_kvcache" if flash_attn_with_kvcache else "scaled_dot_product_attention"}
+    bw = copy_bandwidth()
+    out["bandwidth_GBps"] = bw / 1e9
+    for b in (1, 16, 64):
+        f = decode_figures(big, processor, b, new_tokens, repeats, hf=b == 64)
+        f[f"roofline_fraction_b{b}"] = roofline(big, processor, f, b, new_tokens, bw)
+        out.update({f"gpu_{k}": v for k, v in f.items()})
+        print(f"gpu batch {b}: {f[f'engine_b{b}']['median']:.0f} tok/s, "
+              f"{f[f'engine_ms_per_step_b{b}']['median']:.1f} ms a step, roofline {f[f'roofline_fraction_b{b}']:.2f}",
+              flush=True)
+    return out
+
+
+def bench(new_tokens: int = 64, tiny: bool = True, repeats: int = 5):
     """tiny=False skips the CPU part (for a short GPU lease: only the 7B-shaped bf16 run)."""
     torch.manual_seed(0)
     model, processor = build_tiny()
     model.eval()
-    out = {"device": "cpu", "model": "tiny (4.6M, float32)", "new_tokens": new_tokens}
+    out = {"device": "cpu", "model": "tiny (4.6M, float32)", "new_tokens": new_tokens, "repeats": repeats,
+           "threads": torch.get_num_threads()}
     for b in (1, 16) if tiny else ():
-        images = _images(b)
-        engine_generate(model, processor, images[:1], 4)     # warm up both paths
-        hf_generate(model, processor, images[:1], 4)
-        # decode throughput: the time of N more tokens after the first (the prefill cancels out)
-        e1, _ = engine_generate(model, processor, images, 1)
-        te, ids_e = engine_generate(model, processor, images, new_tokens + 1)
-        h1, _ = hf_generate(model, processor, images, 1)
-        th, ids_h = hf_generate(model, processor, images, new_tokens + 1)
-        de, dh = b * new_tokens / (te - e1), b * new_tokens / (th - h1)
-        out[f"engine_decode_tokens_per_s_b{b}"] = de
-        out[f"hf_generate_decode_tokens_per_s_b{b}"] = dh
-        out[f"speedup_vs_hf_generate_b{b}"] = de / dh
-        out[f"end_to_end_speedup_vs_hf_generate_b{b}"] = th / te   # prefill + decode
-        out[f"outputs_match_b{b}"] = ids_e == ids_h
-        print(f"batch {b}: decode engine {de:.0f} tok/s, generate {dh:.0f} tok/s; "
-              f"whole call {th / te:.2f}x", flush=True)
+        f = decode_figures(model, processor, b, new_tokens, repeats)
+        out.update(f)
+        print(f"batch {b}: decode engine {f[f'engine_b{b}']['median']:.0f} tok/s, generate "
+              f"{f[f'hf_b{b}']['median']:.0f} tok/s: {f[f'speedup_b{b}']['median']:.2f}x "
+              f"(spread {f[f'speedup_b{b}']['min']:.2f}-{f[f'speedup_b{b}']['max']:.2f}); whole call "
+              f"{f[f'call_speedup_b{b}']['median']:.2f}x", flush=True)
     if tiny:
         mt = multiturn(model, processor, _images(8, seed=1))
         out.update(mt)
         out["speedup_vs_resend_multiturn"] = mt["multiturn_resend_s"] / mt["multiturn_kept_s"]
         out["prefill_tokens_ratio_vs_resend"] = mt["prefill_tokens_resend"] / mt["prefill_tokens_kept"]
     if torch.cuda.is_available():
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
-        text = dict(vocab_size=len(processor.tokenizer), hidden_size=3584, intermediate_size=18944,
-                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_parameters=rope)
-        vision = dict(depth=32, hidden_size=1280, out_hidden_size=3584, num_heads=16, intermediate_size=3420)
-        ids = model.config
-        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids.image_token_id,
-                               video_token_id=ids.video_token_id,
-                               vision_start_token_id=ids.vision_start_token_id)
-        with torch.device("cuda"):
-            big = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()
-        out.update(bandwidth_fraction(big, processor))
-        out["gpu_model"] = "Qwen2.5-VL-7B-shaped, random, bf16"
+        out.update(gpu_figures(processor, new_tokens, repeats))
     print(json.dumps(out))
     return out
 
 
 if __name__ == "__main__":
-    bench()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5, help="measurements per figure (median and spread)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU part (a short GPU lease)")
+    a = ap.parse_args()
+    bench(a.new_tokens, not a.gpu_only, a.repeats)

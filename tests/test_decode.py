@@ -129,3 +129,12 @@ def test_the_flash_branch_equals_sdpa_through_the_reference(tiny, monkeypatch):
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
 
+
+
+def test_the_benchmark_reports_medians_and_spreads(tiny):
+    import bench
+    model, proc = tiny
+    f = bench.decode_figures(model, proc, 2, new_tokens=2, repeats=2)
+    for key in ("engine_b2", "hf_b2", "speedup_b2", "call_speedup_b2", "engine_ms_per_step_b2"):
+        assert f[key]["min"] <= f[key]["median"] <= f[key]["max"]    # (2 tokens: too few for the figure itself)
+    assert f["outputs_match_b2"] is True          # the engine and generate agree, greedy
