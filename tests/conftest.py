@@ -22,3 +22,21 @@ def probe_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
     make_probe.write_probe(out, n_train=6, n_test=6, seed=3)
     return out
+
+
+def write_explorer_run(root: Path, tiny, probe_dir: Path) -> Path:
+    """A training run's inputs in `root`: the tiny model saved as init/, and cs.jsonl, the explorer's
+    trajectories over the probe's training questions (images as absolute paths)."""
+    import random
+
+    import collect
+    from data import load_image, read_jsonl, write_jsonl
+    from model import save_checkpoint
+    model, proc = tiny
+    save_checkpoint(model, proc, root / "init")
+    trajs = []
+    for r in read_jsonl(probe_dir / "train.jsonl"):
+        res = collect.explore(load_image(r, probe_dir), r["problem"], proc.budget, random.Random(0))
+        trajs.append({**r, "images": [str(probe_dir / r["images"][0])], "turns": res["turns"]})
+    write_jsonl(root / "cs.jsonl", trajs)
+    return root

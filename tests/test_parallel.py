@@ -3,7 +3,6 @@ resume after a kill, the saved folder at world size 1, RL on 2 ranks, the engine
 gradient checkpointing."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import collect
 import parallel
 import sft
-from data import load_image, read_jsonl, write_jsonl
-from model import load, save_checkpoint
+from data import read_jsonl
+from conftest import write_explorer_run
+from model import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,16 +79,7 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 @pytest.fixture(scope="module")
 def run_dir(tiny, probe_dir, tmp_path_factory):
-    model, proc = tiny
-    root = tmp_path_factory.mktemp("parallel")
-    save_checkpoint(model, proc, root / "init")
-    rows = read_jsonl(probe_dir / "train.jsonl")
-    trajs = []
-    for r in rows:
-        res = collect.explore(load_image(r, probe_dir), r["problem"], proc.budget, random.Random(0))
-        trajs.append({**r, "images": [str(probe_dir / r["images"][0])], "turns": res["turns"]})
-    write_jsonl(root / "cs.jsonl", trajs)
-    return root
+    return write_explorer_run(tmp_path_factory.mktemp("parallel"), tiny, probe_dir)
 
 
 def sft_args(root: Path, out: Path) -> list[str]:

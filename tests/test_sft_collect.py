@@ -9,9 +9,9 @@ import base
 import collect
 import sft
 from common import IM_END, TINY_BUDGET, encode_chunk, render
-from data import load_image, read_jsonl, write_jsonl
+from data import load_image, read_jsonl
 from infer import Engine, Sample
-from model import save_checkpoint
+from conftest import write_explorer_run
 
 BUDGET = TINY_BUDGET
 
@@ -66,16 +66,7 @@ def test_rendered_trajectory_equals_engine_tokens_and_masks_only_assistant(tiny,
 
 @pytest.fixture(scope="module")
 def small_run(tiny, probe_dir, tmp_path_factory):
-    model, proc = tiny
-    root = tmp_path_factory.mktemp("sftrun")
-    save_checkpoint(model, proc, root / "init")
-    rows = read_jsonl(probe_dir / "train.jsonl")
-    trajs = []
-    for r in rows:
-        res = collect.explore(load_image(r, probe_dir), r["problem"], proc.budget, random.Random(0))
-        trajs.append({**r, "images": [str(probe_dir / r["images"][0])], "turns": res["turns"]})
-    write_jsonl(root / "cs.jsonl", trajs)
-    return root
+    return write_explorer_run(tmp_path_factory.mktemp("sftrun"), tiny, probe_dir)
 
 
 def _sft(root, out, *extra):
@@ -177,3 +168,23 @@ def test_plain_thoughts_are_the_earlier_wording(probe_dir):
     res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
     assert all("Left to check" not in t for t in res["turns"])
     assert any(t.startswith("<think>It is a") and "I check the next one." in t for t in res["turns"])
+
+
+def test_compare_thoughts_put_both_shapes_side_by_side(probe_dir):
+    """The compare style: "It is a <colour> <seen> with the character c. I want the <colour> <shape>:
+    <seen> is not <shape>." after a miss (the list of boxes follows), "...: <shape> is the same." at
+    the end; the seen shape is the one the crop showed (the ledger style's words, same search)."""
+    import re
+    for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
+        image = load_image(row, probe_dir)
+        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
+        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="compare")
+        colour, shape = collect.parse_question(row["problem"])
+        assert len(res["turns"]) == len(ledger["turns"]) and res["answer"] == ledger["answer"]
+        for old, new in zip(ledger["turns"][1:-1], res["turns"][1:-1]):
+            seen = re.match(rf"<think>It is a {colour} (\w+) with", old).group(1)
+            assert new.startswith(f"<think>It is a {colour} {seen} with") and \
+                f". I want the {colour} {shape}: {seen} is not {shape}. Left to check: " in new
+            assert new.split("Left to check: ")[1] == old.split("Left to check: ")[1]
+        if res["answer"] != "none":
+            assert f"I want the {colour} {shape}: {shape} is the same.</think>\n<answer>" in res["turns"][-1]
