@@ -232,6 +232,22 @@ class Decoder:
         return x + mlp.down_proj(F.silu(gate) * up)
 
     @torch.no_grad()
+    def decode_static(self, ids: torch.Tensor, pos: torch.Tensor, lens: torch.Tensor, L: int) -> torch.Tensor:
+        """One decode step of rows 0..n-1 from device tensors only: token ids [n], text positions
+        [n] and cache lengths [n] (the new key goes at `lens`, the query sees keys 0..lens); `L`
+        (host-known, at least max(lens) + 1) is how much of the cache is read. Returns logits
+        [n, vocab]. Shapes depend on n and L only, and nothing is read back to the host, so a CUDA
+        graph can capture it (runner.py)."""
+        n, dev = ids.shape[0], self.device
+        x = self.lm.embed_tokens(ids[:, None])
+        cos, sin = self.text_cos[0, pos][:, None, None], self.text_sin[0, pos][:, None, None]   # [n, 1, 1, D]
+        mask = None if self.use_flash else (torch.arange(L, device=dev)[None] <= lens[:, None])[:, None, None]
+        st = _Step(torch.arange(n, device=dev), lens, torch.ones_like(lens), lens[:, None], mask, L, True, True)
+        for i in range(len(self.lm.layers)):
+            x = self._layer(i, x, cos, sin, st)
+        return self.model.lm_head(self._rms(x[:, 0], self.lm.norm.weight)).float()
+
+    @torch.no_grad()
     def forward(self, slots: list[int], chunks: list[list[int]], images: list[list[Image.Image]],
                 starts: list[int], positions: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Append one chunk to each listed cache row and return the logits after each chunk's last

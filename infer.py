@@ -32,6 +32,7 @@ from common import Episode, IM_END, STOP_STRINGS, encode_chunk, image_token_coun
 from data import (InputError, MAX_QUESTION_CHARS, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, load_image,
                   main_cli)
 from decoder import Decoder
+from runner import DecodeWindow, stop_mask
 from model import load, pick_device
 from protocol import (DEFAULT, Protocol, add_protocol_args, apply_pixels, first_answer, parse_with_preset,
                       protocol_from_args)
@@ -94,6 +95,7 @@ class Settings:
     stop: tuple[str, ...] = STOP_STRINGS
     eos: bool = True                     # <|im_end|> ends a turn (off: the benchmark's fixed-length turns)
     protocol: Protocol = DEFAULT         # texts, observation numbering, parser, answer rule
+    window: int | None = None            # decode steps between host reads (runner.py); None: 8 on CUDA, 1 else
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +208,7 @@ class Engine:
         self.pieces = [self.tok.decode([i]) for i in range(len(self.tok))]
         self.prefill_tokens = 0   # statistics for the benchmark
         self.decode_tokens = 0
+        self.window, self.stop_masks = None, {}   # decode windows (runner.py), made when first used
 
     def forward(self, slots, chunks, images, starts, positions) -> tuple[torch.Tensor, list[int]]:
         """One chunk onto each listed cache row: see `Decoder.forward`."""
@@ -229,20 +232,61 @@ class Engine:
         while waiting and len(slots) < self.max_batch:
             slots.append(self._admit(*waiting.popleft(), s, on_text))
         while slots:
-            logits = self._feed(slots, s)
-            done = [i for i, r in enumerate(slots) if r.traj.over_length]
-            order = sorted(logits)
-            if order:
-                tokens, lps = choose(torch.stack([logits[i] for i in order]),
-                                     [slots[i].forced_token() for i in order])
-                ended = [self._advance(slots[i], t, lp, s, on_text) for i, t, lp in zip(order, tokens, lps)]
-                done += [i for i, end in zip(order, ended) if end]
+            k = s.window or (8 if self.decoder.device.type == "cuda" else 1)
+            if k > 1 and self._windowable(slots, k):
+                done = self._window(slots, k, s, choose, on_text)
+            else:
+                done = self._step(slots, s, choose, on_text)
             for i in sorted(set(done), reverse=True):
                 results[slots[i].index] = slots[i].result()
                 bar.update(1)
                 self._retire(slots, i, waiting, s, on_text)
         bar.close()
         return results
+
+    def _step(self, slots: list[Slot], s: Settings, choose: TokenChooser, on_text) -> list[int]:
+        """One eager step: feed every slot, choose, advance. Returns the slots that finished."""
+        logits = self._feed(slots, s)
+        done = [i for i, r in enumerate(slots) if r.traj.over_length]
+        order = sorted(logits)
+        if order:
+            tokens, lps = choose(torch.stack([logits[i] for i in order]), [slots[i].forced_token() for i in order])
+            ended = [self._advance(slots[i], t, lp, s, on_text) for i, t, lp in zip(order, tokens, lps)]
+            done += [i for i, end in zip(order, ended) if end]
+        return done
+
+    def _windowable(self, slots: list[Slot], k: int) -> bool:
+        """A decode window needs every slot decoding (nothing to prefill), none scripted, room in the cache."""
+        return all(r.pending() == 1 and not r.traj.over_length
+                   and (r.sample.forced is None or r.traj.turns >= len(r.sample.forced)) for r in slots) \
+            and max(r.length for r in slots) + k < self.max_len
+
+    def _window(self, slots: list[Slot], k: int, s: Settings, choose: TokenChooser, on_text) -> list[int]:
+        """k decode steps on the device (runner.DecodeWindow), then the usual per-token bookkeeping
+        for the tokens each slot made before it stopped. Returns the slots that finished."""
+        if self.window is None:
+            self.window = DecodeWindow(self.decoder, self.max_batch)
+        stops = tuple(sorted(set(s.stop).union(*[r.sample.stop or () for r in slots])))
+        if stops not in self.stop_masks:
+            self.stop_masks[stops] = stop_mask(self.pieces, stops)
+        self.window.load([r.ids[-1] for r in slots], [r.next_pos for r in slots], [r.length for r in slots],
+                         [len(r.turn_ids) for r in slots])
+        toks, lps, ran = self.window.run(len(slots), k, max(r.length for r in slots) + k + 1, choose.choose,
+                                         self.stop_masks[stops], self.im_end if s.eos else None,
+                                         s.max_turn_tokens, self._max_total(s))
+        done = []
+        for i, r in enumerate(slots):
+            for j in range(k):
+                if not ran[j][i]:
+                    break
+                r.length, r.next_pos = r.length + 1, r.next_pos + 1     # the device fed the pending token
+                self.decode_tokens += 1
+                if self._advance(r, toks[j][i], lps[j][i], s, on_text):
+                    done.append(i)
+                    break
+                if r.pending() != 1:          # a tool call added an observation turn: the host feeds it
+                    break
+        return done
 
     def _admit(self, index: int, sample: Sample, s: Settings, on_text) -> Slot:
         """A new conversation: its prompt (with any few-shot context) waits to be fed."""

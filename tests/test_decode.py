@@ -138,3 +138,38 @@ def test_the_benchmark_reports_medians_and_spreads(tiny):
     for key in ("engine_b2", "hf_b2", "speedup_b2", "call_speedup_b2", "engine_ms_per_step_b2"):
         assert f[key]["min"] <= f[key]["median"] <= f[key]["max"]    # (2 tokens: too few for the figure itself)
     assert f["outputs_match_b2"] is True          # the engine and generate agree, greedy
+
+
+def test_decode_windows_give_the_eager_engines_trajectories():
+    """k decode steps on the device between host reads (runner.py) against one read per step, on
+    the committed base's real searches (tool calls, observation turns, stops mid-window, rows that
+    leave and join), greedy: the same tokens, log-probs, turns and crops."""
+    from model import load
+    model, proc = load("tiny-base")
+    tok = proc.tokenizer
+    scenes = [make_probe.probe_sample(np.random.default_rng([9, i]), lvl) for i, lvl in
+              enumerate(["easy", "medium", "hard", "medium", "easy"])]
+    zoom = lambda box: encode_chunk(tok, "<think>Look closer.</think>\n" + ZOOM.format(box=box))
+    scripts = [[zoom("[0.0, 0.0, 0.5, 0.5]")], None, [zoom("[0.5, 0.0, 1.0, 0.5]"), zoom("[0.25, 0.25, 0.5, 0.5]")],
+               None, [zoom("[0.0, 0.5, 0.5, 1.0]")]]   # scripted zooms first, then the base's own text
+    samples = [Sample(img, fields["problem"], forced=f) for (img, fields, _), f in zip(scenes, scripts)]
+    runs = {}
+    for k in (1, 3, 8):
+        eng = Engine(model, proc, max_batch=3)
+        runs[k] = eng.run(samples, greedy=True, max_turns=4, max_turn_tokens=64, window=k, progress=False)
+        if k > 1:
+            assert eng.window is not None              # the window path did run
+    for k in (3, 8):
+        for a, b in zip(runs[1], runs[k]):
+            assert a.token_ids == b.token_ids and a.turn_texts == b.turn_texts and a.crops == b.crops
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert (a.answer, a.exceeded, a.truncated) == (b.answer, b.exceeded, b.truncated)
+    assert sum(len(t.crops) for t in runs[1]) >= 4      # observation turns, then free decoding after them
+    assert sum(t.turns for t in runs[1]) > sum(len(f or []) for f in scripts)
+
+
+def test_stop_mask_marks_every_token_that_can_end_a_stop_string():
+    from runner import stop_mask
+    pieces = ["</", "grounding", ">", "</grounding>", "ing>", "x</grounding>y", "hello", "<|im_end|>", "g"]
+    mask = stop_mask(pieces, ("</grounding>", "<|im_end|>")).tolist()
+    assert mask == [False, False, True, True, True, True, False, True, False]
