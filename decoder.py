@@ -125,8 +125,9 @@ class Decoder:
             else:
                 qkv, gate_up = None, None
             self.w.append((qkv, gate_up))
-        positions = torch.arange(self.max_len + 1, device=self.device)
-        self.text_cos, self.text_sin = self._rope(positions[None, None].expand(3, 1, -1))   # [1, P, d]
+        if not hasattr(self, "text_cos"):   # made once: a captured CUDA graph keeps reading these tensors
+            positions = torch.arange(self.max_len + 1, device=self.device)
+            self.text_cos, self.text_sin = self._rope(positions[None, None].expand(3, 1, -1))   # [1, P, d]
 
     def _rms(self, x, weight=None):
         """RMSNorm as Qwen2 computes it: in float32, then scaled by the weight in the model's dtype
