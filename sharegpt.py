@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from tqdm import tqdm
+
 from common import (Episode, IM_END, IM_START, PLAIN_SYSTEM_PROMPT, encode_chunk, has_special, image_token_count,
                     tool_turn_text)
 from data import InputError, atomic_path, check_image, image_path, load_image
@@ -49,7 +51,7 @@ def export(rows: list[dict], out: str | os.PathLike, budget, protocol: Protocol 
     folder = out.parent / (out.stem + "_images")
     folder.mkdir(parents=True, exist_ok=True)
     records = []
-    for k, row in enumerate(rows):
+    for k, row in enumerate(tqdm(rows, desc="sharegpt", dynamic_ncols=True, leave=False)):
         turns = [t["text"] if isinstance(t, dict) else t for t in row["turns"]]
         try:
             msgs, images = _conversation(load_image(row, row.get("_root", ".")), row["problem"], turns,
