@@ -173,3 +173,22 @@ def test_stop_mask_marks_every_token_that_can_end_a_stop_string():
     pieces = ["</", "grounding", ">", "</grounding>", "ing>", "x</grounding>y", "hello", "<|im_end|>", "g"]
     mask = stop_mask(pieces, ("</grounding>", "<|im_end|>")).tolist()
     assert mask == [False, False, True, True, True, True, False, True, False]
+
+
+def test_a_decode_window_reads_back_once(tiny, monkeypatch):
+    """k steps of a window: no value read back inside the steps, one .tolist() at the end."""
+    from runner import DecodeWindow, stop_mask
+    model, proc = tiny
+    eng = Engine(model, proc, max_batch=2)
+    prompt = encode_chunk(proc.tokenizer, "<think>a</think>")
+    eng.decoder.forward([0, 1], [prompt, prompt[:4]], [[], []], [0, 0], [0, 0])
+    win = DecodeWindow(eng.decoder, 2)
+    win.load([5, 6], [len(prompt), 4], [len(prompt), 4], [0, 0])
+    chooser = TokenChooser(eng.banned, Settings(temperature=1.0))
+    mask = stop_mask(eng.pieces, ("</grounding>", "<|im_end|>"))
+    reads, real = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real(t))
+    with HostReads() as scalars:
+        toks, lps, ran = win.run(2, 6, len(prompt) + 8, chooser.choose, mask, None, 100, 1000)
+    assert scalars.reads == [] and len(reads) == 1
+    assert len(toks) == 6 and all(len(r) == 2 for r in toks) and ran[0] == [True, True]
