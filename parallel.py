@@ -69,6 +69,13 @@ class World:
             dist.barrier()
 
 
+def peak_memory_gb(world: World) -> float | None:
+    """The largest CUDA memory any rank has held so far (GB); None off CUDA."""
+    if not world.device.startswith("cuda"):
+        return None
+    return world.max(torch.cuda.max_memory_allocated()) / 1e9
+
+
 def setup(device: str | None = None) -> World:
     """This process's place: one process (WORLD_SIZE unset or 1) or a torchrun rank."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

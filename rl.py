@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None):
         light = [(r, c, t.turns, t.exceeded, t.truncated, len(t.token_ids)) for t, r, c in stats]
         record = step_record(step, sum(world.gather(light), []), int(world.sum(tried)), int(world.sum(dropped)),
                              world.gather(upd), time.time() - t0)
+        if parallel.peak_memory_gb(world) is not None:
+            record["max_memory_GB"] = parallel.peak_memory_gb(world)
         if world.main:
             append_jsonl(log, record)
             tqdm.write(" ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))

@@ -272,6 +272,8 @@ def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_lo
         bar.update(1)
         record = {"step": step, "task": micro[-1][0], "loss": loss, "grad_norm": gnorm,
                   "lr": sched.get_last_lr()[0], "tokens_per_s": rate, "time": time.time()}
+        if parallel.peak_memory_gb(world) is not None:
+            record["max_memory_GB"] = parallel.peak_memory_gb(world)
         if evaluate and (step % args.eval_every == 0 or step == args.steps):
             model.eval()
             record["eval"] = evaluate(model)
