@@ -202,6 +202,8 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     model.train()
     losses, clips, n_tok = [], [], 0
     for idx, old in zip(chunks, olds):
+        # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
+        # pixels held at once would not fit; the images are cut and resized already (Trajectory.shown)
         batch = as_batch(trajs, idx, processor, device)
         engine_lp = torch.zeros_like(old)
         for j, i in enumerate(idx):
