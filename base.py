@@ -28,18 +28,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, render
+from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, render, verdict
 from data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
 from infer import Engine, Sample, Settings
 from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
-                        cell_box, draw_object, fmt_box, probe_sample, scene, verdict)
+                        cell_box, draw_object, fmt_box, probe_sample, scene)
 from model import collate, pick_device, seed_everything, start_run
-from sft import add_training_args, read_held_out, sft_loss, spread, train
+from sft import add_training_args, drill_batch, read_held_out, sft_loss, spread, train
 
 # ----------------------------------------------------------------------------------------------
 # The tasks: each sample is (image, question, answer text) rendered like the later stages render a turn
 # ----------------------------------------------------------------------------------------------
 BASE_TASKS = ["describe", "read", "locate", "list", "find", "verify"]
+TEXT_TASKS = ["compare"]   # no picture: sft.drill_batch's verdict drills
 
 
 def describe_object(o: dict) -> str:
@@ -200,6 +201,8 @@ def base_batch(step: int, size: int, seed: int, processor, weights: dict | None 
     if task == "sheet":      # dense sheets of labelled objects: 4 x 4 a picture, so fewer pictures
         return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
                       (glyph_sheet(rng) for _ in range(max(1, size // 2)))]
+    if task == "compare":    # text only, short: twice as many a batch
+        return task, drill_batch(step, 2 * size, seed, processor)
     if task == "scene":
         return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
                       (labelled_overview(rng, level, processor.budget) for _ in range(size))]
@@ -299,7 +302,7 @@ def write_base(out: Path, n_train: int, n_test: int, seed: int, tasks: list[str]
 
 def task_weights(text: str) -> dict[str, float]:
     """--tasks "read:1,locate:2": known task names with positive weights."""
-    known = BASE_TASKS + ["sheet", "scene"]
+    known = BASE_TASKS + TEXT_TASKS + ["sheet", "scene"]
     try:
         weights = {k: float(v) for k, v in (p.split(":") for p in text.split(","))}
     except ValueError:

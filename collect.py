@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, grade, has_special
+from common import Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, grade, has_special, verdict
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
                   main_cli, read_records, write_jsonl)
 from infer import Engine, Sample, Settings
-from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample, verdict
+from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
 from model import load, pick_device, resolve_checkpoint
 from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
 import sharegpt

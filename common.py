@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -36,6 +37,35 @@ STOP_STRINGS = ("</grounding>", IM_END)              # a turn ends at either
 WORDS = {"colours": ["red", "green", "blue", "yellow"],
          "shapes": ["circle", "square", "triangle", "diamond"],
          "glyphs": list("0123456789AEHKPX")}
+
+QUESTION = "What is the character printed on the {colour} {shape}?"   # the tiny world's question
+
+
+def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None) -> str:
+    """The sentence after a crop in a search (collect.py) and in base.py's `verify` task: what the crop
+    shows, and whether that is the asked-for object."""
+    if not (seen_shape and glyph):
+        return f"I cannot make it out here, not the {colour} {shape}."
+    seen = f"It is a {colour} {seen_shape} with the character {glyph}"
+    if seen_shape == shape:
+        return f"{seen}. This is the {colour} {shape}."
+    return f"{seen}, not the {colour} {shape}."
+
+
+def verdict_drill(rng: np.random.Generator) -> tuple[str, str, str]:
+    """A text-only drill of the search's verdict (sft.py --verdict-drills): (question, the thought
+    so far, the verdict). The thought names the asked object, passes 0-3 look-alikes, then describes
+    one more object, which is the asked one half the time; the verdict must compare the two shapes.
+    There is no picture: the description is given, and only the verdict is learned from."""
+    colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
+    others = [s for s in WORDS["shapes"] if s != shape]
+    thought = f"<think>I am looking for the {colour} {shape}. "
+    for _ in range(int(rng.integers(0, 4))):
+        thought += verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"]))) + " "
+    seen = shape if rng.random() < 0.5 else str(rng.choice(others))
+    said = verdict(colour, shape, seen, str(rng.choice(WORDS["glyphs"])))
+    cut = said.index(" with the character ") + len(" with the character ") + 1
+    return QUESTION.format(colour=colour, shape=shape), thought + said[:cut], said[cut:]
 
 
 def observation_text(action_index: int, observation_index: int) -> str:

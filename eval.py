@@ -102,6 +102,7 @@ def diagnose(t: dict) -> dict:
         cx, cy = (target[0] + target[2]) / 2 / w, (target[1] + target[3]) / 2 / h
         has_target = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in listed)
     boxes = [tuple(c["pixel_box"]) for c in crops]
+    verdicts = crop_verdicts(t)
     if t["correct"]:
         outcome = "right"
     elif t["exceeded"]:
@@ -116,7 +117,30 @@ def diagnose(t: dict) -> dict:
         outcome = ("named another object in view" if named_other else "saw the target, answered wrong" if saw
                    else "answered without seeing the target")
     return {"outcome": outcome, "saw_target": saw, "list_has_target": has_target,
-            "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"]}
+            "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"], **verdicts}
+
+
+def crop_verdicts(t: dict) -> dict:
+    """The search's verdict on each crop that shows one candidate readable: the target alone, or
+    look-alikes (objects of the target's colour) without it. A crop is *accepted* when the search
+    answers right after it (it is the last crop of an answered search), else passed by. Counted
+    from positions and boxes only, whatever the thoughts say."""
+    target, objects = t.get("target_bbox"), t.get("objects") or []
+    out = {"target_crops": 0, "target_accepted": 0, "lookalike_crops": 0, "lookalike_accepted": 0}
+    asked = next((o for o in objects if o["box"] == target), None)
+    if asked is None:
+        return out
+    lookalikes = [o for o in objects if o["colour"] == asked["colour"] and o["box"] != target]
+    for i, c in enumerate(t["crops"]):
+        accepted = int(t["answered"] and i == len(t["crops"]) - 1)
+        shows_target, shows_other = seen(target, c), any(seen(o["box"], c) for o in lookalikes)
+        if shows_target and not shows_other:
+            out["target_crops"] += 1
+            out["target_accepted"] += accepted
+        elif shows_other and not shows_target:
+            out["lookalike_crops"] += 1
+            out["lookalike_accepted"] += accepted
+    return out
 
 
 def failure_table(trajs: list[dict]) -> dict:
@@ -133,6 +157,10 @@ def failure_table(trajs: list[dict]) -> dict:
                   "list_has_target": float(np.mean(listed)) if listed else None,
                   "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
                   "invalid_calls": float(np.mean([x["invalid_calls"] > 0 for x in ds]))}
+        for kind in ("target", "lookalike"):   # verdicts, per crop: the share accepted
+            n = sum(x[f"{kind}_crops"] for x in ds)
+            out[d][f"{kind}_crops"] = n
+            out[d][f"{kind}_accepted"] = sum(x[f"{kind}_accepted"] for x in ds) / n if n else None
     return out
 
 
@@ -141,9 +169,12 @@ def print_failures(table: dict):
     print(f"\n{'why':36}" + "".join(f"{d:>9}" for d in table))
     for o in used:
         print(f"{o:36}" + "".join(f"{r['outcomes'][o]:9.2f}" for r in table.values()))
-    for flag in ("saw_target", "list_has_target", "repeated_zooms", "invalid_calls"):
-        cells = ["      -  " if r[flag] is None else f"{r[flag]:9.2f}" for r in table.values()]
+    for flag in report.FLAGS:
+        cells = ["      -  " if r.get(flag) is None else f"{r[flag]:9.2f}" for r in table.values()]
         print(f"{flag.replace('_', ' '):36}" + "".join(cells))
+    print("(target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"
+          " after which the search answered; crops: " + ", ".join(
+              f"{d} {r['target_crops']}/{r['lookalike_crops']}" for d, r in table.items()) + ")")
 
 
 def bar_chart(table: dict, path: Path, title: str):

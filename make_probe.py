@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import Budget, TINY_BUDGET, WORDS
+from common import QUESTION, TINY_BUDGET, WORDS, Budget
 from data import InputError, NONNEGATIVE, atomic_path, main_cli, write_jsonl
 
 GRID = 8
@@ -52,18 +52,6 @@ LEVELS = {
     "hard":   dict(size=1536, obj=56, lookalikes=(6, 9), distractors=(12, 18), clutter=260),
 }
 DOT = 4   # one dot of the 5 x 7 glyph, in image pixels: under one pixel in any overview
-QUESTION = "What is the character printed on the {colour} {shape}?"
-
-
-def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None) -> str:
-    """The sentence after a crop in a search (collect.py) and in base.py's `verify` task: what the crop
-    shows, and whether that is the asked-for object."""
-    if not (seen_shape and glyph):
-        return f"I cannot make it out here, not the {colour} {shape}."
-    seen = f"It is a {colour} {seen_shape} with the character {glyph}"
-    if seen_shape == shape:
-        return f"{seen}. This is the {colour} {shape}."
-    return f"{seen}, not the {colour} {shape}."
 
 
 def ask(question: str) -> str:

@@ -273,7 +273,8 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
     The length is rounded up to a multiple of `multiple`: on CPU, oneDNN compiles a kernel for
     every new matrix shape (milliseconds each), so shapes that repeat are much faster.
     Samples with only images and `aux` labels (the base model's vision steps) give a batch of
-    pixels and labels; samples that all carry `aux` add their per-token labels to the batch."""
+    pixels and labels; samples that all carry `aux` add their per-token labels to the batch;
+    samples without images give a batch without pixels."""
     if "ids" not in samples[0]:
         pixel_values, grids = processor.pixels([im for s in samples for im in s["shown"]])
         return {"pixel_values": pixel_values.to(device), "image_grid_thw": grids.to(device),
@@ -284,7 +285,8 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
     loss_mask = torch.zeros(len(samples), n, dtype=torch.bool)
     attn = torch.zeros(len(samples), n, dtype=torch.long)
     pos = torch.zeros(3, len(samples), n, dtype=torch.long)
-    pixel_values, grids = processor.pixels([im for s in samples for im in s["shown"]])
+    images = [im for s in samples for im in s["shown"]]
+    pixel_values, grids = processor.pixels(images) if images else (None, torch.zeros(0, 3, dtype=torch.long))
     g = 0
     for b, s in enumerate(samples):
         k = len(s["ids"])
@@ -295,8 +297,9 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
         g += len(s["shown"])
         pos[:, b, :k] = rope_positions(s["ids"], sample_grids, 0, processor.image_token_id,
                                        processor.merge)[0]
-    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "pixel_values": pixel_values,
-             "image_grid_thw": grids, "loss_mask": loss_mask}
+    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "loss_mask": loss_mask}
+    if images:   # a text-only batch (sft.py's verdict drills) has no pixels
+        batch.update(pixel_values=pixel_values, image_grid_thw=grids)
     if all("aux" in s for s in samples):   # per-token targets, in the vision tower's output order
         batch["aux"] = torch.cat([torch.as_tensor(s["aux"]) for s in samples])
     return {k: v.to(device) for k, v in batch.items()}
@@ -305,8 +308,8 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
 def token_logprobs(model, batch: dict) -> torch.Tensor:
     """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L]."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
-                image_grid_thw=batch["image_grid_thw"])
+                position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
+                image_grid_thw=batch.get("image_grid_thw"))
     logits = out.logits[:, :-1].float()
     lp = torch.gather(F.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
     return F.pad(lp, (1, 0))

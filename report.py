@@ -77,14 +77,18 @@ def headline(res: dict, trajs: list[dict]) -> str:
             f"(rollouts of one question are not independent when K &gt; 1)</p>")
 
 
+# the failure table's per-search flags and per-crop verdict rates (eval.failure_table), in print order
+FLAGS = ("saw_target", "list_has_target", "repeated_zooms", "invalid_calls", "target_accepted", "lookalike_accepted")
+
+
 def failures(table: dict) -> str:
     runs = list(table.values())
     outcomes = [o for o in runs[0]["outcomes"] if any(r["outcomes"][o] for r in runs)]
     head = "".join(f"<th>{esc(d)} ({r['n']})</th>" for d, r in table.items())
     share = lambda o: "".join(f"<td>{r['outcomes'][o]:.2f}</td>" for r in runs)
     body = "".join(f"<tr><td class='l'>{esc(o)}</td>{share(o)}</tr>" for o in outcomes)
-    for flag in ("saw_target", "list_has_target", "repeated_zooms", "invalid_calls"):
-        cells = "".join("<td>-</td>" if r[flag] is None else f"<td>{r[flag]:.2f}</td>" for r in runs)
+    for flag in FLAGS:
+        cells = "".join("<td>-</td>" if r.get(flag) is None else f"<td>{r[flag]:.2f}</td>" for r in runs)
         body += f"<tr><td class='l'><i>{esc(flag.replace('_', ' '))}</i></td>{cells}</tr>"
     return f"<table><tr><th class='l'>why</th>{head}</tr>{body}</table>"
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import parallel
 import sharegpt
-from common import PLAIN_SYSTEM_PROMPT, grade, render
+from common import PLAIN_SYSTEM_PROMPT, encode_chunk, grade, prompt_text, render, verdict_drill
 from data import (InputError, NONNEGATIVE, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
                   read_jsonl, read_records)
 from eval import line_plot
@@ -45,9 +45,29 @@ from model import (check_finite, collate, seed_everything, start_run,
 # ----------------------------------------------------------------------------------------------
 def sft_loss(model, batch: dict, n_tokens: int, n_micro: int) -> torch.Tensor:
     """Minus the log-likelihood of the labelled tokens, as a mean over all labelled tokens of the
-    step (`n_tokens`, counted over every micro-batch of a gradient-accumulation step)."""
+    step (`n_tokens`, counted over every micro-batch of a gradient-accumulation step). A batch of
+    verdict drills (marked `drill`) is a mean of its own, added: its few labelled tokens would
+    otherwise weigh next to nothing beside the trajectories'."""
     lp = token_logprobs(model, batch)                     # [B, L]: log p(token t | tokens < t)
-    return -(lp * batch["loss_mask"].float()).sum() / n_tokens
+    mask = batch["loss_mask"].float()
+    if "drill" in batch:
+        return -(lp * mask).sum() / mask.sum().clamp(min=1.0)
+    return -(lp * mask).sum() / n_tokens
+
+
+def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0) -> list[dict]:
+    """n text-only drills of the search's verdict (common.verdict_drill): the question, a thought
+    that ends on a description, the loss on the verdict only. Half of them describe the asked
+    object, so only comparing the two shapes lowers the loss. The short plain system prompt keeps
+    them about 70 tokens long (the search's own would triple that)."""
+    rng, tok = np.random.default_rng([seed, step, rank, 7]), processor.tokenizer
+    out = []
+    for _ in range(n):
+        question, thought, said = verdict_drill(rng)
+        head = encode_chunk(tok, prompt_text(question, PLAIN_SYSTEM_PROMPT, image=False) + thought)
+        tail = encode_chunk(tok, said)
+        out.append({"ids": head + tail, "mask": [False] * len(head) + [True] * len(tail), "shown": []})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,11 +240,11 @@ def train_step(model, micro: list[dict], loss_fn, step: int, out: Path,
     bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision).
     Under torchrun the token count is summed over the ranks and divided by their number (FSDP
     averages the gradients), so the step equals one process that saw every rank's samples."""
-    n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b)
+    n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b and "drill" not in b)
     n_tok = max(1.0, world.sum(n_tok)) / world.size
     total_loss, total_tokens = 0.0, 0
     for batch in micro:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and batch["pixel_values"].is_cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and next(iter(batch.values())).is_cuda):
             loss = loss_fn(model, batch, n_tok, len(micro))
         check_finite(loss, step + 1, out)
         loss.backward()
@@ -243,10 +263,14 @@ def resume_state(state: dict, model, opt, sched, extras: dict, out: Path, world:
     return state["step"]
 
 
+def _listed(batch) -> list[dict]:
+    return batch if isinstance(batch, list) else [batch]
+
+
 def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_loss, evaluate=None,
           extras: dict | None = None, world: World | None = None):
-    """The loop: `make_micro(k)` gives (task name or None, micro-batch k; under torchrun this
-    rank's share of it), `loss_fn(model, batch, n_tokens, n_micro)` its loss, `evaluate(model)` a
+    """The loop: `make_micro(k)` gives (task name or None, micro-batch k, or a list of batches
+    that count as one micro-batch; under torchrun this rank's share of it), `loss_fn(model, batch, n_tokens, n_micro)` its loss, `evaluate(model)` a
     dict of held-out figures every --eval-every steps; `extras` are modules trained alongside the
     model (saved in trainer_state.pt). Rank 0 logs and shows progress."""
     extras, out, device = extras or {}, Path(args.out), next(model.parameters()).device
@@ -261,7 +285,7 @@ def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_lo
     while step < args.steps:
         opt.zero_grad(set_to_none=True)
         micro = [next(data) for _ in range(args.accum)]
-        batches = [{k: v.to(device) for k, v in b.items()} for _, b in micro]
+        batches = [{k: v.to(device) for k, v in b.items()} for _, mb in micro for b in _listed(mb)]
         loss, n = train_step(model, batches, loss_fn, step, out, args.precision == "bf16", world)
         gnorm = parallel.grad_norm(model, args.clip)
         opt.step()
@@ -329,6 +353,9 @@ def main(argv: list[str] | None = None):
                     help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
                          "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
+    ap.add_argument("--verdict-drills", type=NONNEGATIVE, default=0,
+                    help="text-only drills of the verdict (is the object described the one asked for?) added "
+                         "to each step, half of them yes, as a loss of their own (0: none)")
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
     add_protocol_args(ap)
     args = parse_with_preset(ap, argv)
@@ -346,8 +373,13 @@ def main(argv: list[str] | None = None):
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     parallel.prepare(model, args.grad_checkpointing, args.precision, world)
-    make = lambda k: (None, collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens,
-                                               protocol, (world.rank, world.size)), processor, "cpu"))
+    def make(k):
+        batch = collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens, protocol,
+                                   (world.rank, world.size)), processor, "cpu")
+        if not args.verdict_drills:
+            return None, batch
+        drills = drill_batch(k, args.verdict_drills, args.seed, processor, world.rank)
+        return None, [batch, {**collate(drills, processor, "cpu"), "drill": torch.ones(())}]
     evaluate = None
     if held_out:
         evaluate = lambda m: evaluate_search(m, processor, held_out, Path(args.eval_data).parent, protocol=protocol)

@@ -4,6 +4,7 @@ import pytest
 
 import make_probe
 from base import base_sample, score_base
+import common
 from common import PLAIN_SYSTEM_PROMPT
 from infer import Engine, Sample
 from model import TINY_BASE, load
@@ -78,7 +79,7 @@ def test_verify_records_ask_about_the_crop_half_the_time_truly(tmp_path):
         img, question, answer, meta = base_sample(rng, "verify")
         colour, shape = re.match(r"Is this the (\w+) (\w+)\?", question).groups()
         assert colour == meta["colour"]
-        assert answer == make_probe.verdict(colour, shape, meta["shape"], meta["glyph"])
+        assert answer == common.verdict(colour, shape, meta["shape"], meta["glyph"])
         yes += shape == meta["shape"]
     assert 18 <= yes <= 42
     base.main(["--write-data", str(tmp_path / "v"), "--n-train", "4", "--n-test", "0", "--tasks", "verify:1"])

@@ -90,6 +90,34 @@ def test_failure_analysis_says_why_each_search_ended():
     assert table["all"]["saw_target"] == pytest.approx(3 / 7)
 
 
+def test_verdicts_count_which_crops_the_search_accepted():
+    """A crop is accepted when the search answers right after it; only crops that show the target
+    alone or look-alikes (same colour) alone are judged."""
+    cell = lambda x: _crop([x, 0, x + 192, 192], 196)
+    v = lambda t: {k: ev.crop_verdicts(t)[k] for k in ("target_crops", "target_accepted", "lookalike_crops",
+                                                        "lookalike_accepted")}
+    assert v(_search("3", [cell(0)])) == {"target_crops": 1, "target_accepted": 1, "lookalike_crops": 0,
+                                          "lookalike_accepted": 0}
+    assert v(_search("7", [cell(192)])) == {"target_crops": 0, "target_accepted": 0, "lookalike_crops": 1,
+                                            "lookalike_accepted": 1}
+    # passed the target by, then took the look-alike
+    assert v(_search("7", [cell(0), cell(192)])) == {"target_crops": 1, "target_accepted": 0, "lookalike_crops": 1,
+                                                     "lookalike_accepted": 1}
+    # no answer: nothing accepted; a crop showing both objects readable is judged neither way
+    assert v(_search(None, [cell(192), cell(0)]))["target_accepted"] == 0
+    both = _crop([0, 0, 384, 384], 392)
+    assert v(_search("3", [both])) == {"target_crops": 0, "target_accepted": 0, "lookalike_crops": 0,
+                                       "lookalike_accepted": 0}
+    # a blue object is no look-alike of the red target
+    blue = _search("5", [cell(192)])
+    blue["objects"] = [blue["objects"][0], {**blue["objects"][1], "colour": "blue"}]
+    assert v(blue)["lookalike_crops"] == 0
+    table = ev.failure_table([_search("3", [cell(0)]), _search("7", [cell(0), cell(192)])])
+    assert table["hard"]["target_crops"] == 2 and table["hard"]["target_accepted"] == pytest.approx(0.5)
+    assert table["hard"]["lookalike_accepted"] == pytest.approx(1.0)
+    assert ev.failure_table([_search("3", [])])["hard"]["target_accepted"] is None
+
+
 def test_report_page_is_well_formed_and_holds_every_trajectory_and_the_numbers(tiny, probe_dir, tmp_path):
     import xml.etree.ElementTree as ET
     model, proc = tiny

@@ -188,3 +188,51 @@ def test_compare_thoughts_put_both_shapes_side_by_side(probe_dir):
             assert new.split("Left to check: ")[1] == old.split("Left to check: ")[1]
         if res["answer"] != "none":
             assert f"I want the {colour} {shape}: {shape} is the same.</think>\n<answer>" in res["turns"][-1]
+
+
+def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
+    """A drill ends its thought on a description; the label is the verdict that follows, which
+    says "This is" exactly when the described shape is the asked one."""
+    from common import verdict_drill
+    rng = np.random.default_rng(3)
+    yes = 0
+    for _ in range(400):
+        question, thought, said = verdict_drill(rng)
+        colour, shape = question.rsplit(" ", 2)[-2], question.rsplit(" ", 1)[-1].rstrip("?")
+        seen = thought.rsplit("It is a ", 1)[1].split()[1]
+        assert thought.startswith(f"<think>I am looking for the {colour} {shape}. ")
+        assert said == (f". This is the {colour} {shape}." if seen == shape else f", not the {colour} {shape}.")
+        yes += seen == shape
+    assert 160 < yes < 240
+    _, proc = tiny
+    drills = sft.drill_batch(5, 6, seed=0, processor=proc)
+    assert drills == sft.drill_batch(5, 6, seed=0, processor=proc) != sft.drill_batch(6, 6, seed=0, processor=proc)
+    for d in drills:
+        labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
+        assert labelled.startswith((". This is the ", ", not the ")) and labelled.endswith(".")
+        assert not any(d["mask"][:d["mask"].index(True)]) and all(d["mask"][d["mask"].index(True):])
+        assert d["shown"] == [] and proc.image_token_id not in d["ids"]
+
+
+def test_a_drill_batch_is_a_loss_of_its_own(tiny):
+    """Text-only batches collate without pixels; a drill batch's loss is the mean over its own
+    labelled tokens (computed here token by token), whatever the step's trajectory token count."""
+    from model import collate
+    model, proc = tiny
+    drills = sft.drill_batch(0, 3, seed=1, processor=proc)
+    batch = collate(drills, proc, "cpu")
+    assert "pixel_values" not in batch
+    with torch.no_grad():
+        loss = sft.sft_loss(model, {**batch, "drill": torch.ones(())}, n_tokens=10_000, n_micro=2)
+        nll = []
+        for d in drills:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([d["ids"]])).logits[0].float(), -1)
+            nll += [-logp[t - 1, d["ids"][t]].item() for t in range(1, len(d["ids"])) if d["mask"][t]]
+    assert loss.item() == pytest.approx(np.mean(nll), rel=1e-4)
+
+
+def test_sft_with_verdict_drills_trains_and_logs(small_run):
+    losses = _sft(small_run, small_run / "drills", "--verdict-drills", "4")
+    plain = _sft(small_run, small_run / "nodrills")
+    assert set(losses) == {1, 2, 3, 4} and all(np.isfinite(list(losses.values())))
+    assert losses[1] > plain[1]          # the drills' own mean is added to the trajectories' loss
