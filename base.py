@@ -11,7 +11,8 @@ Writes: a checkpoint folder (--out) and its log, as sft.py does; with --write-da
 *Paper:* Mini-o3 starts from Qwen2.5-VL-7B-Instruct, which already reads and grounds. Here the tiny
 model starts from nothing, so this script teaches it to see in the tiny world first, in the plain
 chat format: describe the object in a crop; read its character; give the box of an object; list
-the boxes of all objects of one colour; find "the red triangle" in an easy overview. An auxiliary
+the boxes of all objects of one colour; find "the red triangle" in an easy overview (and, as an
+option, `compare`: text-only drills of the search's verdict, NOTES.md section 7). An auxiliary
 per-token loss on the vision tower (colour, shape, character and grid cell of what each image
 token shows) and vision-only steps on dense "glyph sheets" give the small vision tower dense
 targets (NOTES.md says why). It trains through sft.py's `train`, the same loop as SFT.

@@ -85,3 +85,18 @@ def test_verify_records_ask_about_the_crop_half_the_time_truly(tmp_path):
     base.main(["--write-data", str(tmp_path / "v"), "--n-train", "4", "--n-test", "0", "--tasks", "verify:1"])
     rows = read_jsonl(tmp_path / "v" / "base_train.jsonl")
     assert [r["task"] for r in rows] == ["verify"] * 4 and all(r["system"] == "search" for r in rows)
+
+
+def test_compare_task_is_text_only_drills_and_trains(tmp_path):
+    """base.py's `compare` task: a batch of sft.drill_batch's verdict drills (no picture, twice the
+    batch size), trained through the same loop."""
+    import base
+    from data import read_jsonl
+    from model import build_tiny
+    _, proc = build_tiny()
+    task, samples = base.base_batch(0, 3, seed=1, processor=proc, weights={"compare": 1.0})
+    assert task == "compare" and len(samples) == 6 and all(s["shown"] == [] for s in samples)
+    base.main(["--init", "tiny", "--out", str(tmp_path / "ck"), "--steps", "3", "--batch", "2", "--aux", "0",
+               "--tasks", "compare:1"])
+    log = read_jsonl(tmp_path / "ck_log.jsonl")
+    assert [r["task"] for r in log] == ["compare"] * 3 and all(np.isfinite(r["loss"]) for r in log)
