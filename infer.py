@@ -208,7 +208,7 @@ class Engine:
         self.pieces = [self.tok.decode([i]) for i in range(len(self.tok))]
         self.prefill_tokens = 0   # statistics for the benchmark
         self.decode_tokens = 0
-        self.window, self.stop_masks = None, {}   # decode windows (runner.py), made when first used
+        self.runner, self.stop_masks = None, {}   # the decode-window runner (runner.py), made when first used
 
     def forward(self, slots, chunks, images, starts, positions) -> tuple[torch.Tensor, list[int]]:
         """One chunk onto each listed cache row: see `Decoder.forward`."""
@@ -264,14 +264,14 @@ class Engine:
     def _window(self, slots: list[Slot], k: int, s: Settings, choose: TokenChooser, on_text) -> list[int]:
         """k decode steps on the device (runner.DecodeWindow), then the usual per-token bookkeeping
         for the tokens each slot made before it stopped. Returns the slots that finished."""
-        if self.window is None:
-            self.window = DecodeWindow(self.decoder, self.max_batch)
+        if self.runner is None:
+            self.runner = DecodeWindow(self.decoder, self.max_batch)
         stops = tuple(sorted(set(s.stop).union(*[r.sample.stop or () for r in slots])))
         if stops not in self.stop_masks:
             self.stop_masks[stops] = stop_mask(self.pieces, stops)
-        self.window.load([r.ids[-1] for r in slots], [r.next_pos for r in slots], [r.length for r in slots],
+        self.runner.load([r.ids[-1] for r in slots], [r.next_pos for r in slots], [r.length for r in slots],
                          [len(r.turn_ids) for r in slots])
-        toks, lps, ran = self.window.run(len(slots), k, max(r.length for r in slots) + k + 1, choose.choose,
+        toks, lps, ran = self.runner.run(len(slots), k, max(r.length for r in slots) + k + 1, choose.choose,
                                          self.stop_masks[stops], self.im_end if s.eos else None,
                                          s.max_turn_tokens, self._max_total(s))
         done = []

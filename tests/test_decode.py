@@ -158,7 +158,7 @@ def test_decode_windows_give_the_eager_engines_trajectories():
         eng = Engine(model, proc, max_batch=3)
         runs[k] = eng.run(samples, greedy=True, max_turns=4, max_turn_tokens=64, window=k, progress=False)
         if k > 1:
-            assert eng.window is not None              # the window path did run
+            assert eng.runner is not None              # the window path did run
     for k in (3, 8):
         for a, b in zip(runs[1], runs[k]):
             assert a.token_ids == b.token_ids and a.turn_texts == b.turn_texts and a.crops == b.crops
