@@ -29,7 +29,7 @@ runs = {k: Engine(model, proc, max_batch=8).run(samples, greedy=True, max_turns=
 same = sum(a.token_ids == b.token_ids for a, b in zip(runs[1], runs[8]))
 eng = Engine(model, proc, max_batch=8)
 eng.run(samples[:2], greedy=True, max_turns=1, max_turn_tokens=16, window=8, progress=False)
-print(f"device {dev}, flash {eng.decoder.use_flash}, graphs {eng.window.use_graphs if eng.window else None}: "
+print(f"device {dev}, flash {eng.decoder.use_flash}, graphs {eng.runner.use_graphs if eng.runner else None}: "
       f"{same} of {len(samples)} trajectories identical with windows of 8")
 EOF
 
