@@ -59,7 +59,7 @@ def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0) -> list[
     """n text-only drills of the search's verdict (common.verdict_drill): the question, a thought
     that ends on a description, the loss on the verdict only. Half of them describe the asked
     object, so only comparing the two shapes lowers the loss. The short plain system prompt keeps
-    them about 70 tokens long (the search's own would triple that)."""
+    them about 90 tokens long (with the search's own they are about 220)."""
     rng, tok = np.random.default_rng([seed, step, rank, 7]), processor.tokenizer
     out = []
     for _ in range(n):
