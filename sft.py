@@ -270,8 +270,9 @@ def _listed(batch) -> list[dict]:
 def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_loss, evaluate=None,
           extras: dict | None = None, world: World | None = None):
     """The loop: `make_micro(k)` gives (task name or None, micro-batch k, or a list of batches
-    that count as one micro-batch; under torchrun this rank's share of it), `loss_fn(model, batch, n_tokens, n_micro)` its loss, `evaluate(model)` a
-    dict of held-out figures every --eval-every steps; `extras` are modules trained alongside the
+    that count as one micro-batch; under torchrun this rank's share of it),
+    `loss_fn(model, batch, n_tokens, n_micro)` its loss, `evaluate(model)` a dict of held-out
+    figures every --eval-every steps; `extras` are modules trained alongside the
     model (saved in trainer_state.pt). Rank 0 logs and shows progress."""
     extras, out, device = extras or {}, Path(args.out), next(model.parameters()).device
     world = world or World(device=str(device))
