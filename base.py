@@ -35,7 +35,7 @@ from infer import Engine, Sample, Settings
 from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
                         cell_box, draw_object, fmt_box, probe_sample, scene)
 from model import collate, pick_device, seed_everything, start_run
-from sft import add_training_args, drill_batch, read_held_out, sft_loss, spread, train
+from sft import add_training_args, drill_accuracy, drill_batch, read_held_out, sft_loss, spread, train
 
 # ----------------------------------------------------------------------------------------------
 # The tasks: each sample is (image, question, answer text) rendered like the later stages render a turn
@@ -189,9 +189,9 @@ BASE_CURRICULUM = [  # (first step, task weights). "sheet" and "scene" train the
 SEARCH_PROMPT_SHARE = 0.5
 
 
-def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None):
+def base_batch(step: int, size: int, seed: int, processor, weights: dict | None = None, style: str = "ledger"):
     """A micro-batch of one base task at one difficulty level (so image sizes, and with them the
-    matrix shapes, repeat from batch to batch). Returns (task, samples)."""
+    matrix shapes, repeat from batch to batch; `style`: the verdict drills' wording). Returns (task, samples)."""
     weights = weights or [w for start, w in BASE_CURRICULUM if step >= start][-1]
     rng = np.random.default_rng([seed, step])
     task = str(rng.choice(list(weights), p=np.array(list(weights.values())) / sum(weights.values())))
@@ -203,7 +203,7 @@ def base_batch(step: int, size: int, seed: int, processor, weights: dict | None 
         return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
                       (glyph_sheet(rng) for _ in range(max(1, size // 2)))]
     if task == "compare":    # text only, short: twice as many a batch
-        return task, drill_batch(step, 2 * size, seed, processor)
+        return task, drill_batch(step, 2 * size, seed, processor, search_share=SEARCH_PROMPT_SHARE, style=style)
     if task == "scene":
         return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
                       (labelled_overview(rng, level, processor.budget) for _ in range(size))]
@@ -340,10 +340,12 @@ def main(argv: list[str] | None = None):
     if args.aux > 0:
         head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(AUX_SIZES)).to(model.device)
     make = lambda k: (lambda task, samples: (task, collate(samples, processor, "cpu")))(
-        *base_batch(k, args.batch, args.seed, processor, weights))
+        *base_batch(k, args.batch, args.seed, processor, weights, args.verdict_style))
+    drills = "compare" in (weights or {})
     evaluate = None
-    if held_out:
-        evaluate = lambda m: evaluate_base(m, processor, held_out, Path(args.eval_data).parent)
+    if held_out or drills:   # held-out records, and the verdict on fresh drills when it is trained
+        evaluate = lambda m: {**(evaluate_base(m, processor, held_out, Path(args.eval_data).parent) if held_out else {}),
+                              **({"compare": drill_accuracy(m, processor, style=args.verdict_style)} if drills else {})}
     train(args, model, processor, state, make, base_loss(model, head, args.aux), evaluate,
           {"aux_head": head} if head is not None else {})
 

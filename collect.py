@@ -141,23 +141,13 @@ def said(thought: str, action: str) -> str:
 # character 8, not the green circle." (base.py's `verify` task teaches the same sentence.)
 # "compare": a ledger whose verdict puts the two shapes side by side before deciding ("... with the
 # character 8. I want the green circle: triangle is not circle."), so the decision compares two
-# words just written instead of one word with the question far above.
+# words just written instead of one word with the question far above (common.verdict's styles).
 STYLES = ("ledger", "plain", "compare")
-
-
-def judged(colour: str, shape: str, seen_shape: str | None, glyph: str | None, style: str) -> str:
-    """What the crop shows and whether it is the asked-for object, in the style's words."""
-    if style != "compare":
-        return verdict(colour, shape, seen_shape, glyph)
-    want = f"I want the {colour} {shape}:"
-    if not (seen_shape and glyph):
-        return f"I cannot make it out here. {want} not it."
-    same = "is the same." if seen_shape == shape else f"is not {shape}."
-    return f"It is a {colour} {seen_shape} with the character {glyph}. {want} {seen_shape} {same}"
+VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare"}
 
 
 def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
-    return said(judged(colour, shape, shape, glyph, style), f"<answer>{glyph}</answer>")
+    return said(verdict(colour, shape, shape, glyph, VERDICT_STYLE[style]), f"<answer>{glyph}</answer>")
 
 
 def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
@@ -165,7 +155,7 @@ def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, l
     """A turn after a crop that did not show the asked-for object: say so, then zoom on the next box."""
     step = ("I check the next one." if style == "plain"
             else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
-    return said(f"{judged(colour, shape, seen_shape, glyph, style)} {step}", zoom_text(left[0]))
+    return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(left[0]))
 
 
 NO_ANSWER = "<answer>none</answer>"

@@ -41,9 +41,24 @@ WORDS = {"colours": ["red", "green", "blue", "yellow"],
 QUESTION = "What is the character printed on the {colour} {shape}?"   # the tiny world's question
 
 
-def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None) -> str:
+VERDICT_STYLES = ("ledger", "compare")
+
+
+def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, style: str = "ledger") -> str:
     """The sentence after a crop in a search (collect.py) and in base.py's `verify` task: what the crop
-    shows, and whether that is the asked-for object."""
+    shows, and whether that is the asked-for object. "ledger": the decision follows the description
+    ("It is a green triangle with the character 8, not the green circle."), so it must look up the
+    asked shape in the question far above. "compare": the thought first copies the two shapes side
+    by side ("... 8. I want the green circle: triangle is not circle."), so the decision compares
+    two words a fixed distance apart."""
+    if style not in VERDICT_STYLES:
+        raise ValueError(f"unknown verdict style {style!r}; choose from {VERDICT_STYLES}")
+    if style == "compare":
+        want = f"I want the {colour} {shape}:"
+        if not (seen_shape and glyph):
+            return f"I cannot make it out here. {want} not it."
+        same = "is the same." if seen_shape == shape else f"is not {shape}."
+        return f"It is a {colour} {seen_shape} with the character {glyph}. {want} {seen_shape} {same}"
     if not (seen_shape and glyph):
         return f"I cannot make it out here, not the {colour} {shape}."
     seen = f"It is a {colour} {seen_shape} with the character {glyph}"
@@ -52,18 +67,19 @@ def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None) 
     return f"{seen}, not the {colour} {shape}."
 
 
-def verdict_drill(rng: np.random.Generator) -> tuple[str, str, str]:
+def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str, str, str]:
     """A text-only drill of the search's verdict (sft.py --verdict-drills): (question, the thought
     so far, the verdict). The thought names the asked object, passes 0-3 look-alikes, then describes
     one more object, which is the asked one half the time; the verdict must compare the two shapes.
-    There is no picture: the description is given, and only the verdict is learned from."""
+    There is no picture: the description is given, and only what follows the character is learned
+    from (in the compare style that holds the copies of the two shapes, then the decision)."""
     colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
     others = [s for s in WORDS["shapes"] if s != shape]
     thought = f"<think>I am looking for the {colour} {shape}. "
     for _ in range(int(rng.integers(0, 4))):
-        thought += verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"]))) + " "
+        thought += verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"])), style) + " "
     seen = shape if rng.random() < 0.5 else str(rng.choice(others))
-    said = verdict(colour, shape, seen, str(rng.choice(WORDS["glyphs"])))
+    said = verdict(colour, shape, seen, str(rng.choice(WORDS["glyphs"])), style)
     cut = said.index(" with the character ") + len(" with the character ") + 1
     return QUESTION.format(colour=colour, shape=shape), thought + said[:cut], said[cut:]
 

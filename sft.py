@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import parallel
 import sharegpt
-from common import PLAIN_SYSTEM_PROMPT, encode_chunk, grade, prompt_text, render, verdict_drill
+from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render, verdict_drill
 from data import (InputError, NONNEGATIVE, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
                   read_jsonl, read_records)
 from eval import line_plot
@@ -55,19 +55,36 @@ def sft_loss(model, batch: dict, n_tokens: int, n_micro: int) -> torch.Tensor:
     return -(lp * mask).sum() / n_tokens
 
 
-def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0) -> list[dict]:
+DRILL_SEARCH_SHARE = 0.5   # drills under the search's long system prompt, the rest under the plain one
+
+
+def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_share: float = 0.0,
+                style: str = "ledger") -> list[dict]:
     """n text-only drills of the search's verdict (common.verdict_drill): the question, a thought
     that ends on a description, the loss on the verdict only. Half of them describe the asked
     object, so only comparing the two shapes lowers the loss. The short plain system prompt keeps
-    them about 90 tokens long (with the search's own they are about 220)."""
+    them about 90 tokens long; a share `search_share` carries the search's own (about 220)."""
     rng, tok = np.random.default_rng([seed, step, rank, 7]), processor.tokenizer
     out = []
     for _ in range(n):
-        question, thought, said = verdict_drill(rng)
-        head = encode_chunk(tok, prompt_text(question, PLAIN_SYSTEM_PROMPT, image=False) + thought)
+        question, thought, said = verdict_drill(rng, style)
+        system = SYSTEM_PROMPT if rng.random() < search_share else PLAIN_SYSTEM_PROMPT
+        head = encode_chunk(tok, prompt_text(question, system, image=False) + thought)
         tail = encode_chunk(tok, said)
         out.append({"ids": head + tail, "mask": [False] * len(head) + [True] * len(tail), "shown": []})
     return out
+
+
+@torch.no_grad()
+def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_share: float = 0.5,
+                   style: str = "ledger") -> float:
+    """The verdict on n fresh drills (a seed no training run uses): the share whose every labelled
+    token (the verdict sentence after the character: its copies and its decision) gets a probability
+    above one half under teacher forcing."""
+    samples = drill_batch(0, n, seed, processor, search_share=search_share, style=style)
+    batch = collate(samples, processor, model.device)
+    right = (token_logprobs(model, batch) > math.log(0.5)) | ~batch["loss_mask"]
+    return float(right.all(dim=1).float().mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +356,8 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     op.add_argument("--clip", type=RATE, default=1.0, help="gradient-norm clipping")
     op.add_argument("--max-tokens", type=POSITIVE, default=4096, help="longest conversation trained on")
     op.add_argument("--seed", type=int, default=0)
+    op.add_argument("--verdict-style", choices=VERDICT_STYLES, default="ledger",
+                    help="wording of the verdict drills (common.verdict): match the trajectories' (collect.py --thoughts)")
     run = ap.add_argument_group("machine")
     run.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0: torch's default)")
     run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
@@ -379,11 +398,14 @@ def main(argv: list[str] | None = None):
                                    (world.rank, world.size)), processor, "cpu")
         if not args.verdict_drills:
             return None, batch
-        drills = drill_batch(k, args.verdict_drills, args.seed, processor, world.rank)
+        drills = drill_batch(k, args.verdict_drills, args.seed, processor, world.rank, DRILL_SEARCH_SHARE,
+                             args.verdict_style)
         return None, [batch, {**collate(drills, processor, "cpu"), "drill": torch.ones(())}]
     evaluate = None
-    if held_out:
-        evaluate = lambda m: evaluate_search(m, processor, held_out, Path(args.eval_data).parent, protocol=protocol)
+    if held_out or (args.verdict_drills and not world.sharded):  # held-out searches; the verdict on fresh drills
+        evaluate = lambda m: {
+            **(evaluate_search(m, processor, held_out, Path(args.eval_data).parent, protocol=protocol) if held_out else {}),
+            **({"drills": drill_accuracy(m, processor, style=args.verdict_style)} if args.verdict_drills else {})}
     train(args, model, processor, state, make, sft_loss, evaluate, world=world)
     parallel.close(world)
 

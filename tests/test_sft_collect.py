@@ -1,5 +1,6 @@
 """Cold start: the explorer, the filter, trajectory rendering, and the trainer's resume."""
 import random
+import re
 
 import numpy as np
 import pytest
@@ -214,6 +215,52 @@ def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
         assert d["shown"] == [] and proc.image_token_id not in d["ids"]
 
 
+def test_compare_drills_label_the_copies_and_the_decision(tiny):
+    """In the compare style the label after the character copies the asked object and the seen
+    shape, then decides (" the same." exactly when the shapes are equal); an unknown style is refused."""
+    from common import verdict, verdict_drill
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        question, thought, said = verdict_drill(rng, "compare")
+        colour, shape = question.split()[-2], question.rsplit(" ", 1)[-1].rstrip("?")
+        seen = re.search(r"It is a \w+ (\w+) with the character \w$", thought).group(1)
+        decision = "is the same." if seen == shape else f"is not {shape}."
+        assert said == f". I want the {colour} {shape}: {seen} {decision}"
+    with pytest.raises(ValueError, match="verdict style"):
+        verdict("red", "circle", "square", "8", "shouty")
+    _, proc = tiny
+    for d in sft.drill_batch(0, 8, seed=0, processor=proc, style="compare", search_share=0.5):
+        labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
+        assert re.fullmatch(r"\. ?I want the \w+ \w+ ?: ?\w+ is (the same|not \w+) ?\.", labelled.strip()), labelled
+
+
+def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
+    """drill_accuracy (one padded batch) equals the share of drills, each run alone and unpadded,
+    whose every labelled token gets probability > 1/2; it is 1 for a model that always knows."""
+    model, proc = tiny
+    for style in ("ledger", "compare"):
+        drills = sft.drill_batch(0, 12, seed=5, processor=proc, search_share=0.5, style=style)
+        right = []
+        with torch.no_grad():
+            for d in drills:
+                p = torch.softmax(model(input_ids=torch.tensor([d["ids"]])).logits[0].float(), -1)
+                right.append(all(p[t - 1, d["ids"][t]].item() > 0.5 for t in range(1, len(d["ids"])) if d["mask"][t]))
+        assert sft.drill_accuracy(model, proc, n=12, seed=5, style=style) == pytest.approx(np.mean(right))
+    vocab = model.config.text_config.vocab_size
+
+    class Oracle(torch.nn.Module):   # all its mass on the drill's next token, except at the last
+        device = torch.device("cpu")  # token of rows 0, 3, 6, 9, where a wrong token gets most
+
+        def forward(self, input_ids, attention_mask, **kw):
+            logits = torch.full((*input_ids.shape, vocab), -1e4)
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 0.0)
+            for b in range(0, len(input_ids), 3):
+                last = int(attention_mask[b].sum()) - 2          # predicts the final labelled token
+                logits[b, last, (input_ids[b, last + 1] + 1) % vocab] = 1.0
+            return type("Out", (), {"logits": logits})()
+    assert sft.drill_accuracy(Oracle(), proc, n=12, seed=5, style="compare") == pytest.approx(8 / 12)
+
+
 def test_a_drill_batch_is_a_loss_of_its_own(tiny):
     """Text-only batches collate without pixels; a drill batch's loss is the mean over its own
     labelled tokens (computed here token by token), whatever the step's trajectory token count."""
@@ -236,3 +283,6 @@ def test_sft_with_verdict_drills_trains_and_logs(small_run):
     plain = _sft(small_run, small_run / "nodrills")
     assert set(losses) == {1, 2, 3, 4} and all(np.isfinite(list(losses.values())))
     assert losses[1] > plain[1]          # the drills' own mean is added to the trajectories' loss
+    _sft(small_run, small_run / "compare", "--verdict-drills", "4", "--verdict-style", "compare", "--eval-every", "4")
+    evals = [r["eval"] for r in read_jsonl(small_run / "compare_log.jsonl") if "eval" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["drills"] <= 1.0   # the verdict on fresh drills, logged
