@@ -85,6 +85,20 @@ def listed_boxes(text: str) -> list[list[float]]:
     return [[float(v) for v in m.groups()] for m in _BOX.finditer(thought)]
 
 
+def list_steps(t: dict) -> tuple[int, int]:
+    """(turns whose thought lists boxes and then zooms, those that zoom on the list's first box):
+    whether the search steps through the list it has just written (the opening list of candidates,
+    a ledger of the boxes still to check)."""
+    listed = followed = 0
+    for text in t["turn_texts"]:
+        boxes, call = listed_boxes(text), text.split("<grounding>", 1)[1:]
+        zoom = _BOX.search(call[0]) if call else None
+        if boxes and zoom:
+            listed += 1
+            followed += [float(v) for v in zoom.groups()] == boxes[0]
+    return listed, followed
+
+
 def diagnose(t: dict) -> dict:
     """Why one trajectory ended as it did: `outcome`, one of OUTCOMES (the first that applies), and
     flags: was the target ever seen readable, did the opening list of candidates hold it, how many
@@ -116,8 +130,10 @@ def diagnose(t: dict) -> dict:
     else:
         outcome = ("named another object in view" if named_other else "saw the target, answered wrong" if saw
                    else "answered without seeing the target")
+    listed_turns, followed = list_steps(t)
     return {"outcome": outcome, "saw_target": saw, "list_has_target": has_target,
-            "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"], **verdicts}
+            "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"],
+            "listed_turns": listed_turns, "followed": followed, **verdicts}
 
 
 def crop_verdicts(t: dict) -> dict:
@@ -157,6 +173,8 @@ def failure_table(trajs: list[dict]) -> dict:
                   "list_has_target": float(np.mean(listed)) if listed else None,
                   "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
                   "invalid_calls": float(np.mean([x["invalid_calls"] > 0 for x in ds]))}
+        n = sum(x["listed_turns"] for x in ds)   # zooms, per listing turn: the share on its first box
+        out[d]["listed_turns"], out[d]["zoom_follows_list"] = n, sum(x["followed"] for x in ds) / n if n else None
         for kind in ("target", "lookalike"):   # verdicts, per crop: the share accepted
             n = sum(x[f"{kind}_crops"] for x in ds)
             out[d][f"{kind}_crops"] = n
@@ -172,7 +190,8 @@ def print_failures(table: dict):
     for flag in report.FLAGS:
         cells = ["      -  " if r.get(flag) is None else f"{r[flag]:9.2f}" for r in table.values()]
         print(f"{flag.replace('_', ' '):36}" + "".join(cells))
-    print("(target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"
+    print("(zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first;\n"
+          " target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"
           " after which the search answered; crops: " + ", ".join(
               f"{d} {r['target_crops']}/{r['lookalike_crops']}" for d, r in table.items()) + ")")
 

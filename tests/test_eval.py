@@ -90,6 +90,23 @@ def test_failure_analysis_says_why_each_search_ended():
     assert table["all"]["saw_target"] == pytest.approx(3 / 7)
 
 
+def test_zoom_follows_list_compares_each_call_with_the_first_box_its_thought_listed():
+    call = lambda b: '<grounding>{"bbox_2d": %s, "source": "original_image"}</grounding>' % b
+    texts = ["<think>The red objects: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625].</think>"
+             + call("[0.000, 0.000, 0.125, 0.125]"),                                     # follows
+             "<think>Left to check: [0.5, 0.5, 0.625, 0.625].</think>" + call("[0.25, 0.5, 0.375, 0.625]"),  # not
+             "<think>I look again.</think>" + call("[0.5, 0.5, 0.625, 0.625]"),         # lists nothing
+             "<think>Left to check: [0.5, 0.5, 0.625, 0.625].</think><grounding>{oops</grounding>",  # no box
+             "<think>It is at [0.5, 0.5, 0.625, 0.625].</think><answer>3</answer>"]      # no call
+    t = _search("3", [], turn_texts=texts)
+    assert ev.list_steps(t) == (2, 1)
+    d = ev.diagnose(t)
+    assert (d["listed_turns"], d["followed"]) == (2, 1)
+    table = ev.failure_table([t, _search("3", [])])
+    assert table["hard"]["listed_turns"] == 2 and table["hard"]["zoom_follows_list"] == 0.5
+    assert ev.failure_table([_search("3", [])])["all"]["zoom_follows_list"] is None
+
+
 def test_verdicts_count_which_crops_the_search_accepted():
     """A crop is accepted when the search answers right after it; only crops that show the target
     alone or look-alikes (same colour) alone are judged."""
