@@ -30,7 +30,7 @@ from tqdm import tqdm
 import parallel
 import sharegpt
 from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render, verdict_drill
-from data import (InputError, NONNEGATIVE, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
+from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
                   read_jsonl, read_records)
 from eval import line_plot
 from infer import Engine, Sample, Settings
@@ -46,12 +46,12 @@ from model import (check_finite, collate, seed_everything, start_run,
 def sft_loss(model, batch: dict, n_tokens: int, n_micro: int) -> torch.Tensor:
     """Minus the log-likelihood of the labelled tokens, as a mean over all labelled tokens of the
     step (`n_tokens`, counted over every micro-batch of a gradient-accumulation step). A batch of
-    verdict drills (marked `drill`) is a mean of its own, added: its few labelled tokens would
-    otherwise weigh next to nothing beside the trajectories'."""
+    verdict drills (marked `drill`, which holds their weight) is a mean of its own, weighted and
+    added: its few labelled tokens would otherwise weigh next to nothing beside the trajectories'."""
     lp = token_logprobs(model, batch)                     # [B, L]: log p(token t | tokens < t)
     mask = batch["loss_mask"].float()
-    if "drill" in batch:
-        return -(lp * mask).sum() / mask.sum().clamp(min=1.0)
+    if "drill" in batch:   # batch["drill"]: the drills' weight
+        return -batch["drill"] * (lp * mask).sum() / mask.sum().clamp(min=1.0)
     return -(lp * mask).sum() / n_tokens
 
 
@@ -79,8 +79,8 @@ def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_s
 def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_share: float = 0.5,
                    style: str = "ledger") -> float:
     """The verdict on n fresh drills (a seed no training run uses): the share whose every labelled
-    token (the verdict sentence after the character: its copies and its decision) gets a probability
-    above one half under teacher forcing."""
+    token (the decision and the words after it) gets a probability above one half under teacher
+    forcing."""
     samples = drill_batch(0, n, seed, processor, search_share=search_share, style=style)
     batch = collate(samples, processor, model.device)
     right = (token_logprobs(model, batch) > math.log(0.5)) | ~batch["loss_mask"]
@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None):
                     help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
                          "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
+    ap.add_argument("--drill-weight", type=NONNEGATIVE_FLOAT, default=1.0,
+                    help="weight of the drills' mean loss beside the trajectories' (1: equal)")
     ap.add_argument("--verdict-drills", type=NONNEGATIVE, default=0,
                     help="text-only drills of the verdict (is the object described the one asked for?) added "
                          "to each step, half of them yes, as a loss of their own (0: none)")
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None):
             return None, batch
         drills = drill_batch(k, args.verdict_drills, args.seed, processor, world.rank, DRILL_SEARCH_SHARE,
                              args.verdict_style)
-        return None, [batch, {**collate(drills, processor, "cpu"), "drill": torch.ones(())}]
+        return None, [batch, {**collate(drills, processor, "cpu"), "drill": torch.tensor(args.drill_weight)}]
     evaluate = None
     if held_out or (args.verdict_drills and not world.sharded):  # held-out searches; the verdict on fresh drills
         evaluate = lambda m: {

@@ -215,23 +215,23 @@ def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
         assert d["shown"] == [] and proc.image_token_id not in d["ids"]
 
 
-def test_compare_drills_label_the_copies_and_the_decision(tiny):
-    """In the compare style the label after the character copies the asked object and the seen
-    shape, then decides (" the same." exactly when the shapes are equal); an unknown style is refused."""
+def test_compare_drills_label_the_decision(tiny):
+    """In the compare style the thought ends on the copies of the asked and the seen shape and "is";
+    the label is the decision (" the same." exactly when the shapes are equal); an unknown style is refused."""
     from common import verdict, verdict_drill
     rng = np.random.default_rng(4)
     for _ in range(200):
         question, thought, said = verdict_drill(rng, "compare")
         colour, shape = question.split()[-2], question.rsplit(" ", 1)[-1].rstrip("?")
-        seen = re.search(r"It is a \w+ (\w+) with the character \w$", thought).group(1)
-        decision = "is the same." if seen == shape else f"is not {shape}."
-        assert said == f". I want the {colour} {shape}: {seen} {decision}"
+        seen = re.search(r"It is a \w+ (\w+) with the character \w\. I want the \w+ \w+: (\w+) is$", thought)
+        assert thought.endswith(f"I want the {colour} {shape}: {seen.group(1)} is") and seen.group(2) == seen.group(1)
+        assert said == (" the same." if seen.group(1) == shape else f" not {shape}.")
     with pytest.raises(ValueError, match="verdict style"):
         verdict("red", "circle", "square", "8", "shouty")
     _, proc = tiny
     for d in sft.drill_batch(0, 8, seed=0, processor=proc, style="compare", search_share=0.5):
         labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
-        assert re.fullmatch(r"\. ?I want the \w+ \w+ ?: ?\w+ is (the same|not \w+) ?\.", labelled.strip()), labelled
+        assert re.fullmatch(r"(the same|not \w+) ?\.", labelled.strip()), labelled
 
 
 def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
@@ -263,7 +263,8 @@ def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
 
 def test_a_drill_batch_is_a_loss_of_its_own(tiny):
     """Text-only batches collate without pixels; a drill batch's loss is the mean over its own
-    labelled tokens (computed here token by token), whatever the step's trajectory token count."""
+    labelled tokens (computed here token by token), whatever the step's trajectory token count,
+    times the drills' weight."""
     from model import collate
     model, proc = tiny
     drills = sft.drill_batch(0, 3, seed=1, processor=proc)
@@ -275,7 +276,9 @@ def test_a_drill_batch_is_a_loss_of_its_own(tiny):
         for d in drills:
             logp = torch.log_softmax(model(input_ids=torch.tensor([d["ids"]])).logits[0].float(), -1)
             nll += [-logp[t - 1, d["ids"][t]].item() for t in range(1, len(d["ids"])) if d["mask"][t]]
+        light = sft.sft_loss(model, {**batch, "drill": torch.tensor(0.25)}, n_tokens=10_000, n_micro=2)
     assert loss.item() == pytest.approx(np.mean(nll), rel=1e-4)
+    assert light.item() == pytest.approx(0.25 * np.mean(nll), rel=1e-4)
 
 
 def test_sft_with_verdict_drills_trains_and_logs(small_run):
