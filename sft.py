@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 import parallel
 import sharegpt
-from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render, verdict_drill
-from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image, main_cli,
-                  read_jsonl, read_records)
+from common import (PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render,
+                    verdict_drill)
+from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image,
+                  main_cli, read_jsonl, read_records)
 from eval import line_plot
 from infer import Engine, Sample, Settings
 from parallel import World
