@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None):
     drills = "compare" in (weights or {})
     evaluate = None
     if held_out or drills:   # held-out records, and the verdict on fresh drills when it is trained
-        evaluate = lambda m: {**(evaluate_base(m, processor, held_out, Path(args.eval_data).parent) if held_out else {}),
+        root = Path(args.eval_data).parent if held_out else None
+        evaluate = lambda m: {**(evaluate_base(m, processor, held_out, root) if held_out else {}),
                               **({"compare": drill_accuracy(m, processor, style=args.verdict_style)} if drills else {})}
     train(args, model, processor, state, make, base_loss(model, head, args.aux), evaluate,
           {"aux_head": head} if head is not None else {})

@@ -358,7 +358,7 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     op.add_argument("--max-tokens", type=POSITIVE, default=4096, help="longest conversation trained on")
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--verdict-style", choices=VERDICT_STYLES, default="ledger",
-                    help="wording of the verdict drills (common.verdict): match the trajectories' (collect.py --thoughts)")
+                    help="wording of the verdict drills (common.verdict): the trajectories' (collect.py --thoughts)")
     run = ap.add_argument_group("machine")
     run.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0: torch's default)")
     run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
@@ -406,8 +406,9 @@ def main(argv: list[str] | None = None):
         return None, [batch, {**collate(drills, processor, "cpu"), "drill": torch.tensor(args.drill_weight)}]
     evaluate = None
     if held_out or (args.verdict_drills and not world.sharded):  # held-out searches; the verdict on fresh drills
+        root = Path(args.eval_data).parent if held_out else None
         evaluate = lambda m: {
-            **(evaluate_search(m, processor, held_out, Path(args.eval_data).parent, protocol=protocol) if held_out else {}),
+            **(evaluate_search(m, processor, held_out, root, protocol=protocol) if held_out else {}),
             **({"drills": drill_accuracy(m, processor, style=args.verdict_style)} if args.verdict_drills else {})}
     train(args, model, processor, state, make, sft_loss, evaluate, world=world)
     parallel.close(world)
