@@ -77,7 +77,7 @@ def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_s
 
 
 @torch.no_grad()
-def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_share: float = 0.5,
+def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_share: float = DRILL_SEARCH_SHARE,
                    style: str = "ledger") -> float:
     """The verdict on n fresh drills (a seed no training run uses): the share whose every labelled
     token (the decision and the words after it) gets a probability above one half under teacher
