@@ -11,9 +11,9 @@ Writes: a checkpoint folder (--out) and its log, as sft.py does; with --write-da
 *Paper:* Mini-o3 starts from Qwen2.5-VL-7B-Instruct, which already reads and grounds. Here the tiny
 model starts from nothing, so this script teaches it to see in the tiny world first, in the plain
 chat format: describe the object in a crop; read its character; give the box of an object; list
-the boxes of all objects of one colour; find "the red triangle" in an easy overview (and, as an
-option, `compare`: text-only drills of the search's verdict, NOTES.md section 7). An auxiliary
-per-token loss on the vision tower (colour, shape, character and grid cell of what each image
+the boxes of all objects of one colour; find "the red triangle" in an easy overview (and, as
+options, text-only drills: `compare`, of the search's verdict, NOTES.md section 7; `ledger`, of
+stepping through one's own list, section 9). An auxiliary per-token loss on the vision tower (colour, shape, character and grid cell of what each image
 token shows) and vision-only steps on dense "glyph sheets" give the small vision tower dense
 targets (NOTES.md says why). It trains through sft.py's `train`, the same loop as SFT.
 The result is committed as checkpoints/tiny-base, so nobody has to run this.
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, render, verdict
+from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, fmt_box, render, verdict
 from data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
 from infer import Engine, Sample, Settings
 from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
-                        cell_box, draw_object, fmt_box, probe_sample, scene)
+                        cell_box, draw_object, probe_sample, scene)
 from model import collate, pick_device, seed_everything, start_run
 from sft import add_training_args, drill_accuracy, drill_batch, read_held_out, sft_loss, spread, train
 
@@ -41,7 +41,7 @@ from sft import add_training_args, drill_accuracy, drill_batch, read_held_out, s
 # The tasks: each sample is (image, question, answer text) rendered like the later stages render a turn
 # ----------------------------------------------------------------------------------------------
 BASE_TASKS = ["describe", "read", "locate", "list", "find", "verify"]
-TEXT_TASKS = ["compare"]   # no picture: sft.drill_batch's verdict drills
+TEXT_TASKS = ["compare", "ledger"]   # no picture: sft.drill_batch's verdict and ledger drills
 
 
 def describe_object(o: dict) -> str:
@@ -204,6 +204,8 @@ def base_batch(step: int, size: int, seed: int, processor, weights: dict | None 
                       (glyph_sheet(rng) for _ in range(max(1, size // 2)))]
     if task == "compare":    # text only, short: twice as many a batch
         return task, drill_batch(step, 2 * size, seed, processor, search_share=SEARCH_PROMPT_SHARE, style=style)
+    if task == "ledger":     # text only, a whole search's copies: as many as the batch size
+        return task, drill_batch(step, size, seed, processor, search_share=SEARCH_PROMPT_SHARE, kind="ledger")
     if task == "scene":
         return task, [dict(zip(("shown", "aux"), ([im], lab))) for im, lab in
                       (labelled_overview(rng, level, processor.budget) for _ in range(size))]
@@ -341,12 +343,14 @@ def main(argv: list[str] | None = None):
         head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(AUX_SIZES)).to(model.device)
     make = lambda k: (lambda task, samples: (task, collate(samples, processor, "cpu")))(
         *base_batch(k, args.batch, args.seed, processor, weights, args.verdict_style))
-    drills = "compare" in (weights or {})
+    drills = {"compare": "verdict", "ledger": "ledger"}
+    drills = {task: kind for task, kind in drills.items() if task in (weights or {})}
     evaluate = None
-    if held_out or drills:   # held-out records, and the verdict on fresh drills when it is trained
+    if held_out or drills:   # held-out records, and fresh drills of each kind trained
         root = Path(args.eval_data).parent if held_out else None
         evaluate = lambda m: {**(evaluate_base(m, processor, held_out, root) if held_out else {}),
-                              **({"compare": drill_accuracy(m, processor, style=args.verdict_style)} if drills else {})}
+                              **{task: drill_accuracy(m, processor, style=args.verdict_style, kind=kind)
+                                 for task, kind in drills.items()}}
     train(args, model, processor, state, make, base_loss(model, head, args.aux), evaluate,
           {"aux_head": head} if head is not None else {})
 

@@ -25,11 +25,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, grade, has_special, verdict
+from common import (Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, fmt_box, grade, has_special, verdict,
+                    zoom_text)
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
                   main_cli, read_records, write_jsonl)
 from infer import Engine, Sample, Settings
-from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, fmt_box, probe_sample
+from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, probe_sample
 from model import load, pick_device, resolve_checkpoint
 from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
 import sharegpt
@@ -118,10 +119,6 @@ def biggest_object(arr: np.ndarray, colour: str) -> np.ndarray | None:
 # ----------------------------------------------------------------------------------------------
 # The explorer: plays one episode through an Episode, writing its reasoning as it goes.
 # ----------------------------------------------------------------------------------------------
-def zoom_text(box: list[float]) -> str:
-    return '<grounding>{"bbox_2d": ' + fmt_box(box) + ', "source": "original_image"}</grounding>'
-
-
 def parse_question(problem: str) -> tuple[str, str] | None:
     words = problem.lower().replace("?", " ").split()
     colour = next((w for w in words if w in COLOURS), None)
@@ -142,8 +139,11 @@ def said(thought: str, action: str) -> str:
 # "compare": a ledger whose verdict puts the two shapes side by side before deciding ("... with the
 # character 8. I want the green circle: triangle is not circle."), so the decision compares two
 # words just written instead of one word with the question far above (common.verdict's styles).
-STYLES = ("ledger", "plain", "compare")
-VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare"}
+# "backward": a ledger checked from its end, so every list (the opening one, each "Left to check:")
+# ends on the box the call zooms into, a fixed few tokens before it: the call copies the box just
+# written instead of picking the first of many look-alike boxes far back (NOTES section 9).
+STYLES = ("ledger", "plain", "compare", "backward")
+VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger"}
 
 
 def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
@@ -155,7 +155,8 @@ def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, l
     """A turn after a crop that did not show the asked-for object: say so, then zoom on the next box."""
     step = ("I check the next one." if style == "plain"
             else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
-    return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(left[0]))
+    nxt = left[-1] if style == "backward" else left[0]
+    return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(nxt))
 
 
 NO_ANSWER = "<answer>none</answer>"
@@ -206,10 +207,13 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
 
 
 def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str = "ledger") -> dict:
-    """Zoom into each candidate cell in reading order until one shows the asked-for shape."""
-    more = " They look alike from here, so I check them one by one." if len(cells) > 1 else ""
-    turns = [said(intro + more, zoom_text(cell_box(cells[0])))]
-    for i, cell in enumerate(cells):
+    """Zoom into each candidate cell in reading order (backward: from the last) until one shows the
+    asked-for shape. The lists stay in reading order; the backward one ends on its next box."""
+    backward = style == "backward"
+    more = " They look alike from here, so I check them one by one." if len(cells) > 1 and not backward else ""
+    order = cells[::-1] if backward else cells
+    turns = [said(intro + more, zoom_text(cell_box(order[0])))]
+    for i, cell in enumerate(order):
         if len(turns) > max_turns:
             return {"turns": turns[:max_turns], "answer": None, "pattern": "trial_and_error",
                     "exceeded": True}
@@ -218,7 +222,8 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
             turns.append(found(colour, shape, glyph, style))
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
-            turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in cells[i + 1:]], style))
+            left = cells[: len(cells) - 1 - i] if backward else cells[i + 1:]
+            turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in left], style))
     turns.append(said(f"None of the {colour} objects is the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 

@@ -86,6 +86,52 @@ def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str,
     return QUESTION.format(colour=colour, shape=shape), thought + said[:cut], said[cut:]
 
 
+def fmt_box(box: list[float]) -> str:
+    """A relative box as the protocol writes it: "[0.125, 0.250, 0.250, 0.375]"."""
+    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
+
+
+def zoom_text(box: list[float]) -> str:
+    """The tool call that crops `box` (relative) out of the original image."""
+    return '<grounding>{"bbox_2d": ' + fmt_box(box) + ', "source": "original_image"}</grounding>'
+
+
+def ledger_drill(rng: np.random.Generator, grid: int = 8) -> tuple[str, str, list[tuple[int, int]]]:
+    """A text-only drill of stepping through one's own list (sft.py --ledger-drills), in the backward
+    ledger of collect.py: the opening list of 2-9 cells of the asked colour, its last box zoomed, then
+    1-3 misses, each writing "Left to check:" the previous list minus its last box and zooming the new
+    last one. The crops are left out (the observation turns keep their words, not their image
+    tokens). Returns (question, the assistant side from the first turn on, the character spans to
+    learn from): only the copies, each ledger and each call's box; the opening list and the
+    descriptions are given (a picture would tell them)."""
+    colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
+    others = [s for s in WORDS["shapes"] if s != shape]
+    n = int(rng.integers(2, 10))
+    cells = sorted(int(c) for c in rng.choice(grid * grid, size=n, replace=False))
+    boxes = [[c % grid / grid, c // grid / grid, (c % grid + 1) / grid, (c // grid + 1) / grid] for c in cells]
+    listing = lambda bs: ", ".join(fmt_box(b) for b in bs) + "."
+    text, spans = "", []
+
+    def say(piece: str, learn: bool = False):
+        nonlocal text
+        if learn:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+
+    def zoom(box: list[float]):
+        before, after = zoom_text(box).split(fmt_box(box))
+        say("</think>\n" + before), say(fmt_box(box), True), say(after)
+
+    say(f"<think>I am looking for the {colour} {shape}. The {colour} objects: {listing(boxes)}")
+    zoom(boxes[-1])
+    for k in range(min(n - 1, int(rng.integers(1, 4)))):
+        seen = verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"])))
+        say(tool_turn_text(observation_text(k, k + 1).replace("<|image_pad|>", "")))
+        say(f"<think>{seen} Left to check: "), say(listing(boxes[: n - 1 - k]), True)
+        zoom(boxes[n - 2 - k])
+    return QUESTION.format(colour=colour, shape=shape), text, spans
+
+
 def observation_text(action_index: int, observation_index: int) -> str:
     """The user turn that returns a crop, in this project's wording."""
     return DEFAULT.observation_text(action_index, observation_index)

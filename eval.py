@@ -86,16 +86,17 @@ def listed_boxes(text: str) -> list[list[float]]:
 
 
 def list_steps(t: dict) -> tuple[int, int]:
-    """(turns whose thought lists boxes and then zooms, those that zoom on the list's first box):
-    whether the search steps through the list it has just written (the opening list of candidates,
-    a ledger of the boxes still to check)."""
+    """(turns whose thought lists boxes and then zooms, those that zoom on the list's first or last
+    box): whether the search steps through the list it has just written (the opening list of
+    candidates, a ledger of the boxes still to check), from its front or from its end (collect.py's
+    `ledger` and `backward` thoughts)."""
     listed = followed = 0
     for text in t["turn_texts"]:
         boxes, call = listed_boxes(text), text.split("<grounding>", 1)[1:]
         zoom = _BOX.search(call[0]) if call else None
         if boxes and zoom:
             listed += 1
-            followed += [float(v) for v in zoom.groups()] == boxes[0]
+            followed += [float(v) for v in zoom.groups()] in (boxes[0], boxes[-1])
     return listed, followed
 
 
@@ -173,7 +174,7 @@ def failure_table(trajs: list[dict]) -> dict:
                   "list_has_target": float(np.mean(listed)) if listed else None,
                   "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
                   "invalid_calls": float(np.mean([x["invalid_calls"] > 0 for x in ds]))}
-        n = sum(x["listed_turns"] for x in ds)   # zooms, per listing turn: the share on its first box
+        n = sum(x["listed_turns"] for x in ds)   # zooms, per listing turn: the share on an end of its list
         out[d]["listed_turns"], out[d]["zoom_follows_list"] = n, sum(x["followed"] for x in ds) / n if n else None
         for kind in ("target", "lookalike"):   # verdicts, per crop: the share accepted
             n = sum(x[f"{kind}_crops"] for x in ds)
@@ -190,7 +191,8 @@ def print_failures(table: dict):
     for flag in report.FLAGS:
         cells = ["      -  " if r.get(flag) is None else f"{r[flag]:9.2f}" for r in table.values()]
         print(f"{flag.replace('_', ' '):36}" + "".join(cells))
-    print("(zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first;\n"
+    print("(zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first\n"
+          " or last box (the ledger steps from the front, the backward ledger from the end);\n"
           " target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"
           " after which the search answered; crops: " + ", ".join(
               f"{d} {r['target_crops']}/{r['lookalike_crops']}" for d, r in table.items()) + ")")

@@ -106,11 +106,6 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: dict):
     draw_glyph(draw, obj["glyph"], cx, cy, scale, ink)
 
 
-def fmt_box(box: list[float]) -> str:
-    """A relative box as the protocol writes it: "[0.125, 0.250, 0.250, 0.375]"."""
-    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
-
-
 def cell_box(cell: int) -> list[float]:
     """Relative box of one grid cell (row-major index)."""
     r, c = divmod(cell, GRID)

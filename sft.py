@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import parallel
 import sharegpt
-from common import (PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render,
-                    verdict_drill)
+from common import (PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, ledger_drill,
+                    prompt_text, render, verdict_drill)
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image,
                   main_cli, read_jsonl, read_records)
 from eval import line_plot
@@ -59,30 +59,46 @@ def sft_loss(model, batch: dict, n_tokens: int, n_micro: int) -> torch.Tensor:
 DRILL_SEARCH_SHARE = 0.5   # drills under the search's long system prompt, the rest under the plain one
 
 
+DRILL_KINDS = ("verdict", "ledger")
+
+
 def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_share: float = 0.0,
-                style: str = "ledger") -> list[dict]:
-    """n text-only drills of the search's verdict (common.verdict_drill): the question, a thought
-    that ends on a description, the loss on the verdict only. Half of them describe the asked
-    object, so only comparing the two shapes lowers the loss. The short plain system prompt keeps
-    them about 90 tokens long; a share `search_share` carries the search's own (about 220)."""
-    rng, tok = np.random.default_rng([seed, step, rank, 7]), processor.tokenizer
+                style: str = "ledger", kind: str = "verdict") -> list[dict]:
+    """n text-only drills. `verdict` (common.verdict_drill): the question, a thought that ends on a
+    description, the loss on the verdict only; half of them describe the asked object, so only
+    comparing the two shapes lowers the loss. `ledger` (common.ledger_drill): a search without its
+    crops, the loss on the copies only (each "Left to check:" list and each call's box). The short
+    plain system prompt keeps them short; a share `search_share` carries the search's own (about
+    220 tokens)."""
+    if kind not in DRILL_KINDS:
+        raise ValueError(f"unknown drill kind {kind!r}; choose from {DRILL_KINDS}")
+    rng, tok = np.random.default_rng([seed, step, rank, 7 if kind == "verdict" else 8]), processor.tokenizer
     out = []
     for _ in range(n):
-        question, thought, said = verdict_drill(rng, style)
+        if kind == "ledger":
+            question, said, spans = ledger_drill(rng)
+        else:
+            question, thought, said = verdict_drill(rng, style)
         system = SYSTEM_PROMPT if rng.random() < search_share else PLAIN_SYSTEM_PROMPT
-        head = encode_chunk(tok, prompt_text(question, system, image=False) + thought)
-        tail = encode_chunk(tok, said)
-        out.append({"ids": head + tail, "mask": [False] * len(head) + [True] * len(tail), "shown": []})
+        if kind == "ledger":
+            head = encode_chunk(tok, prompt_text(question, system, image=False))
+            enc = tok(said, return_offsets_mapping=True, add_special_tokens=False)
+            tail, learn = enc["input_ids"], [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+        else:
+            head = encode_chunk(tok, prompt_text(question, system, image=False) + thought)
+            tail = encode_chunk(tok, said)
+            learn = [True] * len(tail)
+        out.append({"ids": head + tail, "mask": [False] * len(head) + learn, "shown": []})
     return out
 
 
 @torch.no_grad()
 def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_share: float = DRILL_SEARCH_SHARE,
-                   style: str = "ledger") -> float:
-    """The verdict on n fresh drills (a seed no training run uses): the share whose every labelled
-    token (the decision and the words after it) gets a probability above one half under teacher
-    forcing."""
-    samples = drill_batch(0, n, seed, processor, search_share=search_share, style=style)
+                   style: str = "ledger", kind: str = "verdict") -> float:
+    """Drills of one kind on n fresh drills (a seed no training run uses): the share whose every
+    labelled token (the verdict's decision and the words after it; every copy of a ledger drill)
+    gets a probability above one half under teacher forcing."""
+    samples = drill_batch(0, n, seed, processor, search_share=search_share, style=style, kind=kind)
     batch = collate(samples, processor, model.device)
     right = (token_logprobs(model, batch) > math.log(0.5)) | ~batch["loss_mask"]
     return float(right.all(dim=1).float().mean())
@@ -379,6 +395,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--verdict-drills", type=NONNEGATIVE, default=0,
                     help="text-only drills of the verdict (is the object described the one asked for?) added "
                          "to each step, half of them yes, as a loss of their own (0: none)")
+    ap.add_argument("--ledger-drills", type=NONNEGATIVE, default=0,
+                    help="text-only drills of stepping through one's own list (the backward ledger's copies: "
+                         "collect.py --thoughts backward) added to each step, as a loss of their own (0: none)")
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
     add_protocol_args(ap)
     args = parse_with_preset(ap, argv)
@@ -396,20 +415,23 @@ def main(argv: list[str] | None = None):
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     parallel.prepare(model, args.grad_checkpointing, args.precision, world)
+    drills = {kind: n for kind, n in (("verdict", args.verdict_drills), ("ledger", args.ledger_drills)) if n}
+
     def make(k):
         batch = collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens, protocol,
                                    (world.rank, world.size)), processor, "cpu")
-        if not args.verdict_drills:
-            return None, batch
-        drills = drill_batch(k, args.verdict_drills, args.seed, processor, world.rank, DRILL_SEARCH_SHARE,
-                             args.verdict_style)
-        return None, [batch, {**collate(drills, processor, "cpu"), "drill": torch.tensor(args.drill_weight)}]
+        micro = [batch]
+        for kind, n in drills.items():
+            samples = drill_batch(k, n, args.seed, processor, world.rank, DRILL_SEARCH_SHARE, args.verdict_style, kind)
+            micro.append({**collate(samples, processor, "cpu"), "drill": torch.tensor(args.drill_weight)})
+        return None, micro if drills else batch
     evaluate = None
-    if held_out or (args.verdict_drills and not world.sharded):  # held-out searches; the verdict on fresh drills
+    if held_out or (drills and not world.sharded):  # held-out searches; fresh drills of each kind trained
         root = Path(args.eval_data).parent if held_out else None
+        name = {"verdict": "drills", "ledger": "ledger_drills"}
         evaluate = lambda m: {
             **(evaluate_search(m, processor, held_out, root, protocol=protocol) if held_out else {}),
-            **({"drills": drill_accuracy(m, processor, style=args.verdict_style)} if args.verdict_drills else {})}
+            **{name[kind]: drill_accuracy(m, processor, style=args.verdict_style, kind=kind) for kind in drills}}
     train(args, model, processor, state, make, sft_loss, evaluate, world=world)
     parallel.close(world)
 

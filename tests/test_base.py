@@ -87,9 +87,9 @@ def test_verify_records_ask_about_the_crop_half_the_time_truly(tmp_path):
     assert [r["task"] for r in rows] == ["verify"] * 4 and all(r["system"] == "search" for r in rows)
 
 
-def test_compare_task_is_text_only_drills_and_trains(tmp_path):
+def test_text_tasks_are_drills_and_train(tmp_path):
     """base.py's `compare` task: a batch of sft.drill_batch's verdict drills (no picture, twice the
-    batch size), trained through the same loop."""
+    batch size), trained through the same loop; its `ledger` task: a batch of ledger drills."""
     import base
     from data import read_jsonl
     from model import build_tiny
@@ -100,3 +100,5 @@ def test_compare_task_is_text_only_drills_and_trains(tmp_path):
                "--tasks", "compare:1"])
     log = read_jsonl(tmp_path / "ck_log.jsonl")
     assert [r["task"] for r in log] == ["compare"] * 3 and all(np.isfinite(r["loss"]) for r in log)
+    task, samples = base.base_batch(0, 3, seed=1, processor=proc, weights={"ledger": 1.0})
+    assert task == "ledger" and len(samples) == 3 and all(s["shown"] == [] and any(s["mask"]) for s in samples)

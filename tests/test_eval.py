@@ -90,20 +90,22 @@ def test_failure_analysis_says_why_each_search_ended():
     assert table["all"]["saw_target"] == pytest.approx(3 / 7)
 
 
-def test_zoom_follows_list_compares_each_call_with_the_first_box_its_thought_listed():
+def test_zoom_follows_list_compares_each_call_with_the_ends_of_the_list_its_thought_wrote():
     call = lambda b: '<grounding>{"bbox_2d": %s, "source": "original_image"}</grounding>' % b
-    texts = ["<think>The red objects: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625].</think>"
-             + call("[0.000, 0.000, 0.125, 0.125]"),                                     # follows
+    three = "[0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625], [0.75, 0.0, 0.875, 0.125]"
+    texts = [f"<think>The red objects: {three}.</think>" + call("[0.000, 0.000, 0.125, 0.125]"),  # the first
+             f"<think>The red objects: {three}.</think>" + call("[0.750, 0.000, 0.875, 0.125]"),  # the last
+             f"<think>The red objects: {three}.</think>" + call("[0.500, 0.500, 0.625, 0.625]"),  # the middle
              "<think>Left to check: [0.5, 0.5, 0.625, 0.625].</think>" + call("[0.25, 0.5, 0.375, 0.625]"),  # not
              "<think>I look again.</think>" + call("[0.5, 0.5, 0.625, 0.625]"),         # lists nothing
              "<think>Left to check: [0.5, 0.5, 0.625, 0.625].</think><grounding>{oops</grounding>",  # no box
              "<think>It is at [0.5, 0.5, 0.625, 0.625].</think><answer>3</answer>"]      # no call
     t = _search("3", [], turn_texts=texts)
-    assert ev.list_steps(t) == (2, 1)
+    assert ev.list_steps(t) == (4, 2)
     d = ev.diagnose(t)
-    assert (d["listed_turns"], d["followed"]) == (2, 1)
+    assert (d["listed_turns"], d["followed"]) == (4, 2)
     table = ev.failure_table([t, _search("3", [])])
-    assert table["hard"]["listed_turns"] == 2 and table["hard"]["zoom_follows_list"] == 0.5
+    assert table["hard"]["listed_turns"] == 4 and table["hard"]["zoom_follows_list"] == 0.5
     assert ev.failure_table([_search("3", [])])["all"]["zoom_follows_list"] is None
 
 

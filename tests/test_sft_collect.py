@@ -1,6 +1,8 @@
 """Cold start: the explorer, the filter, trajectory rendering, and the trainer's resume."""
+import json
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,6 +17,11 @@ from infer import Engine, Sample
 from conftest import write_explorer_run
 
 BUDGET = TINY_BUDGET
+
+
+def boxes(text: str) -> list[list[float]]:
+    """The boxes written in a text, in order."""
+    return [json.loads(b) for b in re.findall(r"\[[\d., ]+\]", text)]
 
 
 def test_explorer_sees_only_image_and_question(probe_dir):
@@ -137,10 +144,7 @@ def test_ledger_thoughts_make_each_zoom_a_copy(probe_dir):
     """The ledger style: the first zoom is the first box of the opening list; after a miss the
     thought gives the verdict ("..., not the <target>.") and the boxes left to check, the first
     being the next zoom and the list one shorter each time; only the last turn says "This is the"."""
-    import json
-    import re
     rows = read_jsonl(probe_dir / "train.jsonl") + read_jsonl(probe_dir / "test.jsonl")
-    boxes = lambda text: [json.loads(b) for b in re.findall(r"\[[\d., ]+\]", text)]
     searched = 0
     for row in rows:
         res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0))
@@ -164,6 +168,33 @@ def test_ledger_thoughts_make_each_zoom_a_copy(probe_dir):
     assert searched >= 2
 
 
+def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
+    """The backward style: the same opening list as the ledger (reading order), checked from its
+    end; every thought ends on the box its call zooms into, each ledger is the previous list minus
+    its last box, and the search finds the same answer as the ledger style's."""
+    searched = 0
+    for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
+        image = load_image(row, probe_dir)
+        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
+        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="backward")
+        if res["pattern"] != "trial_and_error":
+            continue
+        searched += 1
+        assert res["answer"] == ledger["answer"] == row["solution"]
+        colour, _ = collect.parse_question(row["problem"])
+        opening = res["turns"][0].split("</think>")[0]
+        assert boxes(opening) == boxes(ledger["turns"][0].split("</think>")[0])
+        lists, zooms = [], []
+        for turn in res["turns"][:-1]:
+            thought, call = turn.split("</think>")
+            zooms.append(json.loads(call.split("</grounding>")[0].split("<grounding>")[1])["bbox_2d"])
+            lists.append(boxes(thought.split(": ", 1)[1] if not lists else thought.split("Left to check: ")[1]))
+            assert lists[-1][-1] == zooms[-1] and thought.endswith(collect.fmt_box(zooms[-1]) + ".")
+        assert all(a[:-1] == b for a, b in zip(lists, lists[1:]))
+        assert zooms == lists[0][::-1][: len(zooms)]
+    assert searched >= 2
+
+
 def test_plain_thoughts_are_the_earlier_wording(probe_dir):
     row = next(r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard")
     res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
@@ -175,7 +206,6 @@ def test_compare_thoughts_put_both_shapes_side_by_side(probe_dir):
     """The compare style: "It is a <colour> <seen> with the character c. I want the <colour> <shape>:
     <seen> is not <shape>." after a miss (the list of boxes follows), "...: <shape> is the same." at
     the end; the seen shape is the one the crop showed (the ledger style's words, same search)."""
-    import re
     for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
         image = load_image(row, probe_dir)
         ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
@@ -234,6 +264,49 @@ def test_compare_drills_label_the_decision(tiny):
         assert re.fullmatch(r"(the same|not \w+) ?\.", labelled.strip()), labelled
 
 
+def test_ledger_drills_label_only_the_copies_and_each_copy_is_right(tiny):
+    """A ledger drill is a search without crops in the backward ledger: every call zooms the last box
+    of the list just written, each "Left to check:" is the previous list minus its last box, the
+    opening list is in reading order; the labelled characters are exactly the ledgers and the calls'
+    boxes, and the labelled tokens of drill_batch are those covering them in the whole text's tokens."""
+    from common import ledger_drill, parse_action
+    rng = np.random.default_rng(6)
+    misses = Counter()
+    for _ in range(200):
+        question, said, spans = ledger_drill(rng)
+        colour, shape = question.split()[-2], question.rsplit(" ", 1)[-1].rstrip("?")
+        turns = said.split("<|im_start|>assistant\n")
+        misses[len(turns) - 1] += 1
+        lists = [boxes(turns[0].split(f"The {colour} objects: ")[1].split("</think>")[0])]
+        assert lists[0] == sorted(lists[0], key=lambda b: (b[1], b[0])) and 2 <= len(lists[0]) <= 9
+        labelled = [said[a:b] for a, b in spans]
+        for k, turn in enumerate(turns):
+            if k:
+                assert re.match(rf"<think>It is a {colour} \w+ with the character \w, not the {colour} {shape}\. "
+                                r"Left to check: ", turn)
+                lists.append(boxes(turn.split("Left to check: ")[1].split("</think>")[0]))
+                assert lists[-1] == lists[-2][:-1]
+                assert turn.split("Left to check: ")[1].split("</think>")[0] == labelled.pop(0)
+            action = parse_action(turn.split("<|im_end|>")[0])
+            assert action.kind == "zoom" and action.bbox == lists[-1][-1]
+            assert labelled.pop(0) == "[" + ", ".join(f"{v:.3f}" for v in lists[-1][-1]) + "]"
+        assert labelled == []
+    assert set(misses) == {1, 2, 3}
+    _, proc = tiny
+    drills = sft.drill_batch(2, 6, seed=0, processor=proc, kind="ledger")
+    assert drills == sft.drill_batch(2, 6, seed=0, processor=proc, kind="ledger")
+    same = np.random.default_rng([0, 2, 0, 8])   # drill_batch's stream: a drill, then its prompt's draw
+    for d in drills:
+        tail = proc.tokenizer.encode(ledger_drill(same)[1], add_special_tokens=False)
+        same.random()
+        assert d["ids"][-len(tail):] == tail and d["shown"] == [] and proc.image_token_id not in d["ids"]
+    for d in drills:
+        text = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
+        assert re.fullmatch(r"( ?\[[\d., ]+\][.,]?)+", text), text
+    with pytest.raises(ValueError, match="drill kind"):
+        sft.drill_batch(0, 1, seed=0, processor=proc, kind="shouty")
+
+
 def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
     """drill_accuracy (one padded batch) equals the share of drills, each run alone and unpadded,
     whose every labelled token gets probability > 1/2; it is 1 for a model that always knows."""
@@ -289,3 +362,6 @@ def test_sft_with_verdict_drills_trains_and_logs(small_run):
     _sft(small_run, small_run / "compare", "--verdict-drills", "4", "--verdict-style", "compare", "--eval-every", "4")
     evals = [r["eval"] for r in read_jsonl(small_run / "compare_log.jsonl") if "eval" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["drills"] <= 1.0   # the verdict on fresh drills, logged
+    _sft(small_run, small_run / "both", "--verdict-drills", "2", "--ledger-drills", "2", "--eval-every", "4")
+    evals = [r["eval"] for r in read_jsonl(small_run / "both_log.jsonl") if "eval" in r]
+    assert len(evals) == 1 and {"drills", "ledger_drills"} <= set(evals[0])   # each kind on fresh drills
