@@ -142,8 +142,12 @@ def said(thought: str, action: str) -> str:
 # "backward": a ledger checked from its end, so every list (the opening one, each "Left to check:")
 # ends on the box the call zooms into, a fixed few tokens before it: the call copies the box just
 # written instead of picking the first of many look-alike boxes far back (NOTES section 9).
-STYLES = ("ledger", "plain", "compare", "backward")
-VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger"}
+# "chain": no ledger; after a miss the thought writes the box just checked and the one after it in
+# the opening list ("Next in the list: [a], [b]."), the very words of that list, so the next box is
+# what follows the same words further up (a copy keyed on a whole box), and the call copies the box
+# just written. The opening thought ends by repeating "the <colour> objects: [first]" the same way.
+STYLES = ("ledger", "plain", "compare", "backward", "chain")
+VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger", "chain": "ledger"}
 
 
 def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
@@ -151,11 +155,13 @@ def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
 
 
 def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
-           style: str) -> str:
-    """A turn after a crop that did not show the asked-for object: say so, then zoom on the next box."""
-    step = ("I check the next one." if style == "plain"
-            else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
+           style: str, checked: list[float] | None = None) -> str:
+    """A turn after a crop (of the box `checked`) that did not show the asked-for object: say so,
+    then zoom on the next box."""
     nxt = left[-1] if style == "backward" else left[0]
+    step = ("I check the next one." if style == "plain"
+            else f"Next in the list: {fmt_box(checked)}, {fmt_box(nxt)}." if style == "chain"
+            else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
     return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(nxt))
 
 
@@ -210,7 +216,9 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
     """Zoom into each candidate cell in reading order (backward: from the last) until one shows the
     asked-for shape. The lists stay in reading order; the backward one ends on its next box."""
     backward = style == "backward"
-    more = " They look alike from here, so I check them one by one." if len(cells) > 1 and not backward else ""
+    more = ("" if len(cells) == 1 or backward
+            else f" They look alike from here, so I check the {colour} objects: {fmt_box(cell_box(cells[0]))}."
+            if style == "chain" else " They look alike from here, so I check them one by one.")
     order = cells[::-1] if backward else cells
     turns = [said(intro + more, zoom_text(cell_box(order[0])))]
     for i, cell in enumerate(order):
@@ -223,7 +231,7 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
             left = cells[: len(cells) - 1 - i] if backward else cells[i + 1:]
-            turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in left], style))
+            turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in left], style, cell_box(cell)))
     turns.append(said(f"None of the {colour} objects is the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 

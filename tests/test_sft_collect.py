@@ -195,6 +195,33 @@ def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
     assert searched >= 2
 
 
+def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(probe_dir):
+    """The chain style: the same searches as the ledger; the opening thought ends on "the <colour>
+    objects: [first]" (the list's own words) and zooms it; after a miss the thought writes "Next in
+    the list: [checked], [next]." where "[checked], [next]" is a piece of the opening list's text,
+    and zooms the next box."""
+    searched = 0
+    for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
+        image = load_image(row, probe_dir)
+        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
+        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="chain")
+        if res["pattern"] != "trial_and_error":
+            continue
+        searched += 1
+        assert res["answer"] == ledger["answer"] and len(res["turns"]) == len(ledger["turns"])
+        colour, _ = collect.parse_question(row["problem"])
+        opening = res["turns"][0].split("</think>")[0]
+        listing = opening.split(f"The {colour} objects: ")[1].split(". They look alike")[0]
+        assert boxes(listing) == boxes(ledger["turns"][0].split("</think>")[0])
+        zooms = [boxes(t.split("<grounding>")[1])[0] for t in res["turns"][:-1]]
+        assert opening.endswith(f"the {colour} objects: {collect.fmt_box(zooms[0])}.")
+        for k, turn in enumerate(res["turns"][1:-1], start=1):
+            pair = turn.split("Next in the list: ")[1].split(".</think>")[0]
+            assert pair in listing and boxes(pair) == [zooms[k - 1], zooms[k]]
+        assert zooms == boxes(listing)[: len(zooms)]
+    assert searched >= 2
+
+
 def test_plain_thoughts_are_the_earlier_wording(probe_dir):
     row = next(r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard")
     res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
