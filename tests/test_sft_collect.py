@@ -168,17 +168,23 @@ def test_ledger_thoughts_make_each_zoom_a_copy(probe_dir):
     assert searched >= 2
 
 
+def _hard_searches(probe_dir, style: str):
+    """(record, the ledger style's search, the `style` search) of each hard training question the
+    explorer searches one by one."""
+    for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
+        image = load_image(row, probe_dir)
+        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
+        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style=style)
+        if res["pattern"] == "trial_and_error":
+            yield row, ledger, res
+
+
 def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
     """The backward style: the same opening list as the ledger (reading order), checked from its
     end; every thought ends on the box its call zooms into, each ledger is the previous list minus
     its last box, and the search finds the same answer as the ledger style's."""
     searched = 0
-    for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
-        image = load_image(row, probe_dir)
-        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
-        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="backward")
-        if res["pattern"] != "trial_and_error":
-            continue
+    for row, ledger, res in _hard_searches(probe_dir, "backward"):
         searched += 1
         assert res["answer"] == ledger["answer"] == row["solution"]
         colour, _ = collect.parse_question(row["problem"])
@@ -201,12 +207,7 @@ def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(
     the list: [checked], [next]." where "[checked], [next]" is a piece of the opening list's text,
     and zooms the next box."""
     searched = 0
-    for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
-        image = load_image(row, probe_dir)
-        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
-        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="chain")
-        if res["pattern"] != "trial_and_error":
-            continue
+    for row, ledger, res in _hard_searches(probe_dir, "chain"):
         searched += 1
         assert res["answer"] == ledger["answer"] and len(res["turns"]) == len(ledger["turns"])
         colour, _ = collect.parse_question(row["problem"])
