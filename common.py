@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -67,25 +66,6 @@ def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, 
     return f"{seen}, not the {colour} {shape}."
 
 
-def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str, str, str]:
-    """A text-only drill of the search's verdict (sft.py --verdict-drills): (question, the thought
-    so far, the verdict). The thought names the asked object, passes 0-3 look-alikes, then describes
-    one more object, which is the asked one half the time; the verdict must compare the two shapes.
-    There is no picture: the description is given, and only the decision and what follows it is
-    learned from: in the ledger style all after the character, in the compare style all after the
-    copied shapes' "is" (the copies are easy; labelled, they would dilute the decision's share)."""
-    colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
-    others = [s for s in WORDS["shapes"] if s != shape]
-    thought = f"<think>I am looking for the {colour} {shape}. "
-    for _ in range(int(rng.integers(0, 4))):
-        thought += verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"])), style) + " "
-    seen = shape if rng.random() < 0.5 else str(rng.choice(others))
-    said = verdict(colour, shape, seen, str(rng.choice(WORDS["glyphs"])), style)
-    cut = (said.rindex(f": {seen} is ") + len(f": {seen} is") if style == "compare"
-           else said.index(" with the character ") + len(" with the character ") + 1)
-    return QUESTION.format(colour=colour, shape=shape), thought + said[:cut], said[cut:]
-
-
 def fmt_box(box: list[float]) -> str:
     """A relative box as the protocol writes it: "[0.125, 0.250, 0.250, 0.375]"."""
     return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
@@ -94,42 +74,6 @@ def fmt_box(box: list[float]) -> str:
 def zoom_text(box: list[float]) -> str:
     """The tool call that crops `box` (relative) out of the original image."""
     return '<grounding>{"bbox_2d": ' + fmt_box(box) + ', "source": "original_image"}</grounding>'
-
-
-def ledger_drill(rng: np.random.Generator, grid: int = 8) -> tuple[str, str, list[tuple[int, int]]]:
-    """A text-only drill of stepping through one's own list (sft.py --ledger-drills), in the backward
-    ledger of collect.py: the opening list of 2-9 cells of the asked colour, its last box zoomed, then
-    1-3 misses, each writing "Left to check:" the previous list minus its last box and zooming the new
-    last one. The crops are left out (the observation turns keep their words, not their image
-    tokens). Returns (question, the assistant side from the first turn on, the character spans to
-    learn from): only the copies, each ledger and each call's box; the opening list and the
-    descriptions are given (a picture would tell them)."""
-    colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
-    others = [s for s in WORDS["shapes"] if s != shape]
-    n = int(rng.integers(2, 10))
-    cells = sorted(int(c) for c in rng.choice(grid * grid, size=n, replace=False))
-    boxes = [[c % grid / grid, c // grid / grid, (c % grid + 1) / grid, (c // grid + 1) / grid] for c in cells]
-    listing = lambda bs: ", ".join(fmt_box(b) for b in bs) + "."
-    text, spans = "", []
-
-    def say(piece: str, learn: bool = False):
-        nonlocal text
-        if learn:
-            spans.append((len(text), len(text) + len(piece)))
-        text += piece
-
-    def zoom(box: list[float]):
-        before, after = zoom_text(box).split(fmt_box(box))
-        say("</think>\n" + before), say(fmt_box(box), True), say(after)
-
-    say(f"<think>I am looking for the {colour} {shape}. The {colour} objects: {listing(boxes)}")
-    zoom(boxes[-1])
-    for k in range(min(n - 1, int(rng.integers(1, 4)))):
-        seen = verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"])))
-        say(tool_turn_text(observation_text(k, k + 1).replace("<|image_pad|>", "")))
-        say(f"<think>{seen} Left to check: "), say(listing(boxes[: n - 1 - k]), True)
-        zoom(boxes[n - 2 - k])
-    return QUESTION.format(colour=colour, shape=shape), text, spans
 
 
 def observation_text(action_index: int, observation_index: int) -> str:

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 import parallel
 import sharegpt
-from common import (PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, ledger_drill,
-                    prompt_text, render, verdict_drill)
+from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image,
                   main_cli, read_jsonl, read_records)
+from drills import ledger_drill, verdict_drill
 from eval import line_plot
 from infer import Engine, Sample, Settings
 from parallel import World
@@ -64,9 +64,9 @@ DRILL_KINDS = ("verdict", "ledger")
 
 def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_share: float = 0.0,
                 style: str = "ledger", kind: str = "verdict") -> list[dict]:
-    """n text-only drills. `verdict` (common.verdict_drill): the question, a thought that ends on a
+    """n text-only drills. `verdict` (drills.verdict_drill): the question, a thought that ends on a
     description, the loss on the verdict only; half of them describe the asked object, so only
-    comparing the two shapes lowers the loss. `ledger` (common.ledger_drill): a search without its
+    comparing the two shapes lowers the loss. `ledger` (drills.ledger_drill): a search without its
     crops, the loss on the copies only (each "Left to check:" list and each call's box). The short
     plain system prompt keeps them short; a share `search_share` carries the search's own (about
     220 tokens)."""

@@ -252,7 +252,7 @@ def test_compare_thoughts_put_both_shapes_side_by_side(probe_dir):
 def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
     """A drill ends its thought on a description; the label is the verdict that follows, which
     says "This is" exactly when the described shape is the asked one."""
-    from common import verdict_drill
+    from drills import verdict_drill
     rng = np.random.default_rng(3)
     yes = 0
     for _ in range(400):
@@ -276,7 +276,8 @@ def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
 def test_compare_drills_label_the_decision(tiny):
     """In the compare style the thought ends on the copies of the asked and the seen shape and "is";
     the label is the decision (" the same." exactly when the shapes are equal); an unknown style is refused."""
-    from common import verdict, verdict_drill
+    from common import verdict
+    from drills import verdict_drill
     rng = np.random.default_rng(4)
     for _ in range(200):
         question, thought, said = verdict_drill(rng, "compare")
@@ -297,7 +298,8 @@ def test_ledger_drills_label_only_the_copies_and_each_copy_is_right(tiny):
     of the list just written, each "Left to check:" is the previous list minus its last box, the
     opening list is in reading order; the labelled characters are exactly the ledgers and the calls'
     boxes, and the labelled tokens of drill_batch are those covering them in the whole text's tokens."""
-    from common import ledger_drill, parse_action
+    from common import parse_action
+    from drills import ledger_drill
     rng = np.random.default_rng(6)
     misses = Counter()
     for _ in range(200):
