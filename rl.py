@@ -278,8 +278,7 @@ def parse_args(argv=None):
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
-    op.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                    help="compute on CUDA: bf16 over float32 weights, or float32 throughout")
+    op.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
     op.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")

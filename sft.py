@@ -268,17 +268,17 @@ def optimizer(model, args, extras: dict):
 
 
 def train_step(model, micro: list[dict], loss_fn, step: int, out: Path,
-               bf16: bool = True, world: World = World()) -> tuple[float, int]:
+               precision: str = "auto", world: World = World()) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step (gradients accumulate).
-    Returns the summed loss and the number of tokens seen. On CUDA with `bf16` the matrix work runs in
-    bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision).
+    Returns the summed loss and the number of tokens seen. Under `precision` bf16 (auto: on CUDA) the matrix work runs
+    in bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision).
     Under torchrun the token count is summed over the ranks and divided by their number (FSDP
     averages the gradients), so the step equals one process that saw every rank's samples."""
     n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b and "drill" not in b)
     n_tok = max(1.0, world.sum(n_tok)) / world.size
     total_loss, total_tokens = 0.0, 0
     for batch in micro:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and next(iter(batch.values())).is_cuda):
+        with parallel.autocast(model, precision):
             loss = loss_fn(model, batch, n_tok, len(micro))
         check_finite(loss, step + 1, out)
         loss.backward()
@@ -321,7 +321,7 @@ def train(args, model, processor, state: dict | None, make_micro, loss_fn=sft_lo
         opt.zero_grad(set_to_none=True)
         micro = [next(data) for _ in range(args.accum)]
         batches = [{k: v.to(device) for k, v in b.items()} for _, mb in micro for b in _listed(mb)]
-        loss, n = train_step(model, batches, loss_fn, step, out, args.precision == "bf16", world)
+        loss, n = train_step(model, batches, loss_fn, step, out, args.precision, world)
         gnorm = parallel.grad_norm(model, args.clip)
         opt.step()
         sched.step()
@@ -380,8 +380,7 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
     run.add_argument("--grad-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (memory for compute)")
-    run.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                     help="compute on CUDA: bf16 autocast over float32 weights, or float32 throughout")
+    run.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
 
 
 def main(argv: list[str] | None = None):

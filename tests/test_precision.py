@@ -51,3 +51,27 @@ def test_adamw_at_lr_1e6_moves_every_weight_in_fp32_but_few_in_bf16(tiny, probe_
     assert _changed_share(master.train(), batch, 1e-6) > 0.999
     pure_bf16, _, _ = start_run(tmp_path / "b", str(tmp_path / "init"), False, "cpu")
     assert _changed_share(pure_bf16.to(torch.bfloat16).train(), batch, 1e-6) < 0.2
+
+
+def test_precision_choice_sets_the_compute_dtype_on_the_cpu(tiny, probe_dir, tmp_path):
+    """`auto` on the CPU is float32 (the same loss as `fp32`, to the bit); `bf16` runs the matrix
+    work in bfloat16 there too: a loss near the float32 one but not equal, float32 gradients."""
+    import parallel
+    model, proc = tiny
+    batch = _batch(probe_dir, proc)
+    assert not parallel.uses_bf16("cpu", "auto") and parallel.uses_bf16("cuda", "auto")
+    assert parallel.uses_bf16("cpu", "bf16") and not parallel.uses_bf16("cuda", "fp32")
+    losses = {}
+    for precision in ("fp32", "auto", "bf16"):
+        model.zero_grad(set_to_none=True)
+        losses[precision], _ = sft.train_step(model, [batch], sft.sft_loss, 0, tmp_path, precision)
+        assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    model.zero_grad(set_to_none=True)
+    assert losses["auto"] == losses["fp32"]
+    assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
+    try:
+        parallel.uses_bf16("cpu", "fp16")
+    except ValueError as e:
+        assert "fp16" in str(e)
+    else:
+        raise AssertionError("an unknown precision was accepted")
