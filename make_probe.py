@@ -19,6 +19,8 @@ import base64
 import io
 import json
 import math
+import multiprocessing
+import os
 import re
 import time
 from pathlib import Path
@@ -184,26 +186,35 @@ def level_stats(level: str, budget: Budget = BUDGET) -> dict:
 SPLIT_IDS = {"train": 1, "test": 2, "base_train": 3, "base_test": 4}
 
 
-def write_probe(out: Path, n_train: int, n_test: int, seed: int) -> dict:
+def write_probe(out: Path, n_train: int, n_test: int, seed: int, workers: int = 1) -> dict:
+    """Both splits, each sample a pure function of (seed, split, index), so `workers` processes
+    draw them in any order and the files are the same bytes."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     summary = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        rows = []
-        for i in range(n):
-            level = list(LEVELS)[i % 3]    # test is balanced; train cycles the levels too
-            rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
-            img, fields, placed = probe_sample(rng, level)
-            name = f"images/{split}_{i:06d}.png"
-            with atomic_path(out / name) as tmp:
-                img.save(tmp, format="PNG")
-            # hidden fields, for the failure analysis only (no searcher reads them): every object
-            objects = [{k: o[k] for k in ("colour", "shape", "glyph", "box")} for o in placed]
-            rows.append({"images": [name], **{k: fields[k] for k in ("problem", "solution")},
-                         "data_source": "synthetic_probe", "doc_id": f"{split}-{seed}-{i:06d}", **fields,
-                         "objects": objects})
+        jobs = [(out, split, i, seed) for i in range(n)]
+        if workers > 1 and n > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                rows = pool.map(_write_sample, jobs, chunksize=16)
+        else:
+            rows = [_write_sample(job) for job in jobs]
         write_jsonl(out / f"{split}.jsonl", rows)
         summary[split] = rows
     return summary
+
+
+def _write_sample(job: tuple[Path, str, int, int]) -> dict:
+    out, split, i, seed = job
+    level = list(LEVELS)[i % 3]    # test is balanced; train cycles the levels too
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
+    img, fields, placed = probe_sample(rng, level)
+    name = f"images/{split}_{i:06d}.png"
+    with atomic_path(out / name) as tmp:
+        img.save(tmp, format="PNG")
+    # hidden fields, for the failure analysis only (no searcher reads them): every object
+    objects = [{k: o[k] for k in ("colour", "shape", "glyph", "box")} for o in placed]
+    return {"images": [name], **{k: fields[k] for k in ("problem", "solution")},
+            "data_source": "synthetic_probe", "doc_id": f"{split}-{seed}-{i:06d}", **fields, "objects": objects}
 
 
 def print_table(summary: dict):
@@ -318,6 +329,8 @@ def main(argv: list[str] | None = None):
     syn.add_argument("--n-train", type=NONNEGATIVE, default=600)
     syn.add_argument("--n-test", type=NONNEGATIVE, default=90)
     syn.add_argument("--seed", type=int, default=1, help="also shuffles V* options")
+    syn.add_argument("--workers", type=NONNEGATIVE, default=os.cpu_count() or 1,
+                     help="processes drawing the pictures (the files do not depend on it)")
     conv = ap.add_argument_group("converting a benchmark (writes <out>/test.jsonl)")
     conv.add_argument("--from", dest="source", choices=["visualprobe", "vstar", "hrbench"])
     conv.add_argument("input", nargs="?", help="the benchmark file or folder to convert (with --from)")
@@ -327,7 +340,7 @@ def main(argv: list[str] | None = None):
     out = Path(args.out)
     t0 = time.time()
     if not args.source:
-        print_table(write_probe(out, args.n_train, args.n_test, args.seed))
+        print_table(write_probe(out, args.n_train, args.n_test, args.seed, args.workers))
         print(f"wrote {out} in {time.time() - t0:.1f}s")
         return
     if not args.input:

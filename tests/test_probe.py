@@ -21,6 +21,9 @@ def test_same_seed_same_bytes_and_disjoint_splits(tmp_path, probe_dir):
     again = tmp_path / "again"
     make_probe.write_probe(again, n_train=6, n_test=6, seed=3)
     assert _digest(again) == _digest(probe_dir)
+    two = tmp_path / "two_workers"     # drawn by two processes: the same files, byte for byte
+    make_probe.write_probe(two, n_train=6, n_test=6, seed=3, workers=2)
+    assert _digest(two) == _digest(probe_dir)
     train, test = read_jsonl(probe_dir / "train.jsonl"), read_jsonl(probe_dir / "test.jsonl")
     assert not {r["doc_id"] for r in train} & {r["doc_id"] for r in test}
     hashes = _digest(probe_dir / "images")
