@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
-RL_FLAGS=${RL_FLAGS:-"--steps 20 --questions 4 --group 8 --lr 2e-4"}
+RL_FLAGS=${RL_FLAGS:-"--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16"}
 A=runs/ablation
 T0=$(date +%s)
 [ "${FRESH:-0}" = 1 ] && rm -rf $A

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
-# Starts from the committed tiny base (checkpoints/tiny-base). About 24 minutes on 2 CPU cores.
+# Starts from the committed tiny base (checkpoints/tiny-base). About 30 minutes on 2 CPU cores
+# (bf16 compute: a CPU with AVX-512 BF16; on one without, drop --precision bf16 and expect it slower).
 # --overwrite: a rerun replaces the previous run's checkpoints and results (without it they are refused).
 # Ends by printing the paths of the report pages (open them in a browser).
 set -euo pipefail
@@ -9,13 +10,14 @@ T0=$(date +%s)
 stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 
 stage "0. synthetic Visual Probe data"
-python make_probe.py --out runs/tiny/probe --n-train 600 --n-test 300 --seed 1
+python make_probe.py --out runs/tiny/probe --n-train 2400 --n-test 300 --seed 1
 stage "1. cold-start trajectories (explorer teacher)"
-python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl
+python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl --thoughts compare
 stage "2. supervised fine-tuning from the tiny base"
-python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 240 --batch 8 --lr 1e-3 --overwrite
+python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 400 --batch 8 --lr 1e-3 \
+  --verdict-drills 8 --verdict-style compare --drill-weight 0.5 --precision bf16 --overwrite
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
-python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 --lr 2e-4 --overwrite
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16 --overwrite
 stage "4. evaluation: turn caps 1-16 on the test split"
 python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy --overwrite
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite
