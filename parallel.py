@@ -130,6 +130,7 @@ def shard(model, world: World, precision: str = "auto"):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kind = "cuda" if world.device.startswith("cuda") else "cpu"
     mesh = init_device_mesh(kind, (world.size,))
+    # bf16 parameters under FSDP on CUDA only; sharded on the CPU (gloo, the tests) they stay float32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if kind == "cuda" and uses_bf16(kind, precision) else MixedPrecisionPolicy()
     for block in model.model.visual.blocks:

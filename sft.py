@@ -270,8 +270,8 @@ def optimizer(model, args, extras: dict):
 def train_step(model, micro: list[dict], loss_fn, step: int, out: Path,
                precision: str = "auto", world: World = World()) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step (gradients accumulate).
-    Returns the summed loss and the number of tokens seen. Under `precision` bf16 (auto: on CUDA) the matrix work runs
-    in bfloat16 under autocast while the weights and AdamW's state stay float32 (mixed precision).
+    Returns the summed loss and the number of tokens seen. Under `precision` bf16 (auto: on CUDA)
+    the matrix work runs in bfloat16 under autocast while the weights and AdamW's state stay float32.
     Under torchrun the token count is summed over the ranks and divided by their number (FSDP
     averages the gradients), so the step equals one process that saw every rank's samples."""
     n_tok = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro if "loss_mask" in b and "drill" not in b)
