@@ -146,8 +146,10 @@ def said(thought: str, action: str) -> str:
 # the opening list ("Next in the list: [a], [b]."), the very words of that list, so the next box is
 # what follows the same words further up (a copy keyed on a whole box), and the call copies the box
 # just written. The opening thought ends by repeating "the <colour> objects: [first]" the same way.
-STYLES = ("ledger", "plain", "compare", "backward", "chain")
-VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger", "chain": "ledger"}
+# "chain-compare": the chain's steps with the compare style's verdicts.
+STYLES = ("ledger", "plain", "compare", "backward", "chain", "chain-compare")
+VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger", "chain": "ledger",
+                 "chain-compare": "compare"}
 
 
 def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
@@ -160,7 +162,7 @@ def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, l
     then zoom on the next box."""
     nxt = left[-1] if style == "backward" else left[0]
     step = ("I check the next one." if style == "plain"
-            else f"Next in the list: {fmt_box(checked)}, {fmt_box(nxt)}." if style == "chain"
+            else f"Next in the list: {fmt_box(checked)}, {fmt_box(nxt)}." if style.startswith("chain")
             else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
     return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(nxt))
 
@@ -218,7 +220,7 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
     backward = style == "backward"
     more = ("" if len(cells) == 1 or backward
             else f" They look alike from here, so I check the {colour} objects: {fmt_box(cell_box(cells[0]))}."
-            if style == "chain" else " They look alike from here, so I check them one by one.")
+            if style.startswith("chain") else " They look alike from here, so I check them one by one.")
     order = cells[::-1] if backward else cells
     turns = [said(intro + more, zoom_text(cell_box(order[0])))]
     for i, cell in enumerate(order):

@@ -12,7 +12,7 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 stage "0. synthetic Visual Probe data"
 python make_probe.py --out runs/tiny/probe --n-train 2400 --n-test 300 --seed 1
 stage "1. cold-start trajectories (explorer teacher)"
-python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl --thoughts compare
+python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl --thoughts chain-compare
 stage "2. supervised fine-tuning from the tiny base"
 python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 400 --batch 8 --lr 1e-3 \
   --verdict-drills 8 --verdict-style compare --drill-weight 0.5 --precision bf16 --overwrite

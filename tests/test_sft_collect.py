@@ -201,16 +201,17 @@ def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
     assert searched >= 2
 
 
-def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(probe_dir):
-    """The chain style: the same searches as the ledger; the opening thought ends on "the <colour>
+@pytest.mark.parametrize("style", ["chain", "chain-compare"])
+def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(probe_dir, style):
+    """The chain styles: the same searches as the ledger; the opening thought ends on "the <colour>
     objects: [first]" (the list's own words) and zooms it; after a miss the thought writes "Next in
     the list: [checked], [next]." where "[checked], [next]" is a piece of the opening list's text,
-    and zooms the next box."""
+    and zooms the next box. chain-compare gives its verdicts in the compare style's words."""
     searched = 0
-    for row, ledger, res in _hard_searches(probe_dir, "chain"):
+    for row, ledger, res in _hard_searches(probe_dir, style):
         searched += 1
         assert res["answer"] == ledger["answer"] and len(res["turns"]) == len(ledger["turns"])
-        colour, _ = collect.parse_question(row["problem"])
+        colour, shape = collect.parse_question(row["problem"])
         opening = res["turns"][0].split("</think>")[0]
         listing = opening.split(f"The {colour} objects: ")[1].split(". They look alike")[0]
         assert boxes(listing) == boxes(ledger["turns"][0].split("</think>")[0])
@@ -219,6 +220,9 @@ def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(
         for k, turn in enumerate(res["turns"][1:-1], start=1):
             pair = turn.split("Next in the list: ")[1].split(".</think>")[0]
             assert pair in listing and boxes(pair) == [zooms[k - 1], zooms[k]]
+            assert (f"I want the {colour} " in turn) == (style == "chain-compare")
+        assert res["turns"][-1].split("</think>")[0].endswith(
+            "is the same." if style == "chain-compare" else f"This is the {colour} {shape}.")
         assert zooms == boxes(listing)[: len(zooms)]
     assert searched >= 2
 
