@@ -28,7 +28,7 @@ from tqdm import tqdm
 from common import (Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, fmt_box, grade, has_special, verdict,
                     zoom_text)
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
-                  main_cli, read_records, write_jsonl)
+                  main_cli, read_records, turn_text, write_jsonl)
 from infer import Engine, Sample, Settings
 from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, probe_sample
 from model import load, pick_device, resolve_checkpoint
@@ -156,22 +156,68 @@ def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
     return said(verdict(colour, shape, shape, glyph, VERDICT_STYLE[style]), f"<answer>{glyph}</answer>")
 
 
-def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
-           style: str, checked: list[float] | None = None) -> str:
-    """A turn after a crop (of the box `checked`) that did not show the asked-for object: say so,
-    then zoom on the next box."""
+def step_text(style: str, left: list[list[float]], checked: list[float] | None) -> str:
+    """How a thought after a miss names the next box (see STYLES)."""
     nxt = left[-1] if style == "backward" else left[0]
-    step = ("I check the next one." if style == "plain"
+    return ("I check the next one." if style == "plain"
             else f"Next in the list: {fmt_box(checked)}, {fmt_box(nxt)}." if style.startswith("chain")
             else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
-    return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(nxt))
+
+
+def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
+           style: str, checked: list[float] | None = None, to: list[float] | None = None) -> str:
+    """A turn after a crop (of the box `checked`) that did not show the asked-for object: say so,
+    then zoom on the next box (or on `to`: a slip, see `slip`)."""
+    nxt = left[-1] if style == "backward" else left[0]
+    thought = f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step_text(style, left, checked)}"
+    return said(thought, zoom_text(to or nxt))
+
+
+# A slip (collect.py --slips P): after a miss, the call zooms a cell next to the box its own thought
+# named, one row or column off, that holds no candidate (the tiny model's commonest copying error);
+# the next turn says what that crop shows (nothing, or an object of another colour: "... I want the
+# red square: blue is not red.") and names the same box again. The slipped turn is stored as
+# {"text", "learn": false}: SFT replays it but takes no loss on it, so only the recovery is taught.
+def slip(cell: int, avoid: set[int], rng: random.Random) -> int | None:
+    """A cell a row or a column away from `cell` and not in `avoid` (cells with any pixel of the asked
+    colour in the overview), or None."""
+    r, c = divmod(cell, GRID)
+    near = [(r + dr) * GRID + c + dc for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))
+            if 0 <= r + dr < GRID and 0 <= c + dc < GRID and (r + dr) * GRID + c + dc not in avoid]
+    return rng.choice(near) if near else None
+
+
+def describe_any(arr: np.ndarray) -> tuple[str, str, str] | None:
+    """(colour, shape, character) of the largest readable object of any colour in a crop, or None."""
+    objs = [(c, m) for c in COLOURS if (m := biggest_object(arr, c)) is not None]
+    if not objs:
+        return None
+    colour, mask = max(objs, key=lambda o: o[1].sum())
+    shape, glyph = shape_of(mask), read_glyph(arr, mask, colour)
+    return (colour, shape, glyph) if shape and glyph else None
+
+
+def recovered(colour: str, shape: str, seen: tuple[str, str, str] | None, style: str, step: str,
+              box: list[float]) -> str:
+    """The turn after a slip's crop: what it shows, then the box that was meant, again."""
+    vstyle = VERDICT_STYLE[style]
+    if seen is not None and seen[0] == colour:
+        what = verdict(colour, shape, seen[1], seen[2], vstyle)
+    elif vstyle == "compare":
+        want = f"I want the {colour} {shape}:"
+        what = (f"There is no {colour} object here. {want} not it." if seen is None else
+                f"It is a {seen[0]} {seen[1]} with the character {seen[2]}. {want} {seen[0]} is not {colour}.")
+    else:
+        what = (f"There is no {colour} object here." if seen is None else
+                f"It is a {seen[0]} {seen[1]} with the character {seen[2]}, not the {colour} {shape}.")
+    return said(f"{what} {step}", zoom_text(box))
 
 
 NO_ANSWER = "<answer>none</answer>"
 
 
 def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_turns: int = 16,
-            depth_first: float = 0.0, style: str = "ledger") -> dict | None:
+            depth_first: float = 0.0, style: str = "ledger", slips: float = 0.0) -> dict | None:
     """Search like a model would: returns {"turns": [...], "answer", "pattern"} or None when the
     question is not one the explorer understands."""
     goal = parse_question(problem)
@@ -211,10 +257,15 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
     intro = f"I am looking for the {colour} {shape}. The {colour} objects: {listing}."
     if depth_first and len(cells) >= 4 and rng.random() < depth_first:
         return _depth_first(cells, colour, shape, intro, max_turns, check, look, style)
-    return _one_by_one(cells, colour, shape, intro, max_turns, check, look, style)
+    avoid = set(blobs_by_cell(overview, colour, min_pixels=1))
+
+    def slip_to(cell: int) -> list[float] | None:   # where a slip before `cell` lands, if one happens
+        wrong = slip(cell, avoid, rng) if slips and rng.random() < slips else None
+        return None if wrong is None else cell_box(wrong)
+    return _one_by_one(cells, colour, shape, intro, max_turns, check, look, style, slip_to)
 
 
-def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str = "ledger") -> dict:
+def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str = "ledger", slip_to=None) -> dict:
     """Zoom into each candidate cell in reading order (backward: from the last) until one shows the
     asked-for shape. The lists stay in reading order; the backward one ends on its next box."""
     backward = style == "backward"
@@ -233,7 +284,13 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
             left = cells[: len(cells) - 1 - i] if backward else cells[i + 1:]
-            turns.append(missed(colour, shape, got_shape, glyph, [cell_box(c) for c in left], style, cell_box(cell)))
+            boxes, nxt = [cell_box(c) for c in left], cell_box(order[i + 1])
+            wrong = slip_to(order[i + 1]) if slip_to else None
+            turns.append(missed(colour, shape, got_shape, glyph, boxes, style, cell_box(cell), to=wrong))
+            if wrong:   # a slip: no loss on the turn that made it, then the recovery (see `slip`)
+                turns[-1] = {"text": turns[-1], "learn": False}
+                seen = describe_any(look(wrong))
+                turns.append(recovered(colour, shape, seen, style, step_text(style, boxes, cell_box(cell)), nxt))
     turns.append(said(f"None of the {colour} objects is the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
@@ -340,7 +397,7 @@ def explorer_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
     for row in tqdm(rows, desc="explore", dynamic_ncols=True):
         public = {k: row[k] for k in ("images", "problem")}   # what a model would see
         res = explore(load_image(public, root), public["problem"], TINY_BUDGET, rng, args.max_turns,
-                      args.depth_first, args.thoughts)
+                      args.depth_first, args.thoughts, args.slips)
         if res is not None:
             found.append({**res, "source": "explorer", "_row": row})
     return found
@@ -366,8 +423,8 @@ def filter_trajectories(found: list[dict], max_share: float, seed: int) -> list[
     kept set."""
     seen, good = set(), []
     for f in found:
-        key = (f["doc_id"], tuple(f["turns"]))
-        junk = any(has_special(t) for t in f["turns"])    # e.g. a spelled-out <|image_pad|>
+        key = (f["doc_id"], tuple(turn_text(t) for t in f["turns"]))
+        junk = any(has_special(turn_text(t)) for t in f["turns"])    # e.g. a spelled-out <|image_pad|>
         if f["correct"] and not f.get("exceeded") and not junk and key not in seen:
             seen.add(key)
             good.append(f)
@@ -420,6 +477,10 @@ def main(argv: list[str] | None = None):
                      help="explorer: share of searches that zoom into quarters first")
     src.add_argument("--thoughts", choices=STYLES, default="ledger",
                      help="explorer: how its thoughts are worded (see STYLES)")
+    src.add_argument("--slips", type=SHARE, default=0.0,
+                     help="explorer: chance that a zoom after a miss lands a cell off, and the next turn "
+                     "recovers (see `slip`; the slipped turn carries no SFT loss, and the ShareGPT export "
+                     "cannot say so: it is written as an ordinary turn)")
     src.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-share", type=PROBABILITY, default=0.6, help="largest share of one pattern")
     add_protocol_args(ap)

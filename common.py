@@ -431,14 +431,15 @@ def rope_positions(ids: list[int], grids: list[tuple[int, int, int]], start: int
 
 
 def render(image: Image.Image, problem: str, turns: list[str], processor, system: str | None = None,
-           max_tokens: int | None = None, protocol: Protocol = DEFAULT) -> dict:
+           max_tokens: int | None = None, protocol: Protocol = DEFAULT, unlearned: set[int] = frozenset()) -> dict:
     """Tokens of a whole conversation: `turns` are the assistant texts, in order.
 
     After every turn but the last, the turn's action is carried out exactly as the engine does it
     (a zoom adds an observation turn with the crop, an invalid call an error turn). The last turn
     ends with <|im_end|> (the model's own end of message). A conversation longer than `max_tokens`
     is an InputError, as it would be out of the engine's context.
-    Returns ids, a boolean mask of assistant tokens, and the images as shown to the model.
+    Returns ids, a boolean mask of assistant tokens (but those of the turns in `unlearned`), and the
+    images as shown to the model.
     """
     tok = processor.tokenizer
     episode = Episode(image, processor.budget, protocol)
@@ -450,7 +451,7 @@ def render(image: Image.Image, problem: str, turns: list[str], processor, system
         if last:
             piece += [tok.convert_tokens_to_ids(IM_END)]
         ids += piece
-        mask += [True] * len(piece)
+        mask += [i not in unlearned] * len(piece)
         if last:
             break
         action = episode.parse(text)

@@ -89,7 +89,7 @@ RECORD_FIELDS = {   # field: (accepted JSON types, what it must be)
     "doc_id": (_ID, "a string or integer id"),
     "difficulty": (_TEXT, "a string"),
     "options": (list, "a list of strings"),
-    "turns": (list, "a non-empty list of assistant turns (strings)"),
+    "turns": (list, "a non-empty list of assistant turns (strings, or {\"text\": string, \"learn\": false})"),
     "task": (_TEXT, "a string (a base task)"),
 }
 QUESTION_FIELDS = ("images", "problem", "solution", "doc_id")
@@ -104,13 +104,20 @@ def _check_field(row: dict, key: str, need: bool) -> str | None:
     if ok and key in ("images", "turns", "options"):
         items = [t["text"] if key == "turns" and isinstance(t, dict) and "text" in t else t for t in value]
         ok = (bool(value) or key == "options") and all(isinstance(t, str) and t for t in items)
+        ok = ok and all(isinstance(t.get("learn", False), bool) for t in value if isinstance(t, dict))
     if not ok:
         return f"field {key!r} must be {what}, got {json.dumps(value)[:60]}"
     if key == "problem" and len(value) > MAX_QUESTION_CHARS:
         return f"field 'problem' has {len(value)} characters (at most {MAX_QUESTION_CHARS})"
-    if key == "turns" and any(SPECIAL_TOKEN.search(t if isinstance(t, str) else t["text"]) for t in value):
+    if key == "turns" and any(SPECIAL_TOKEN.search(turn_text(t)) for t in value):
         return "field 'turns' holds a special token such as <|image_pad|> (junk: drop the record)"
     return None
+
+
+def turn_text(turn) -> str:
+    """A trajectory turn's text: a turn is a string, or {"text": ..., "learn": false} for one that is
+    replayed without a loss on it (collect.py's slips)."""
+    return turn["text"] if isinstance(turn, dict) else turn
 
 
 def image_path(row: dict, root: str | os.PathLike) -> Path:

@@ -31,7 +31,7 @@ import parallel
 import sharegpt
 from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image,
-                  main_cli, read_jsonl, read_records)
+                  main_cli, read_jsonl, read_records, turn_text)
 from drills import ledger_drill, verdict_drill
 from eval import line_plot
 from infer import Engine, Sample, Settings
@@ -108,7 +108,7 @@ def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_s
 # Data: trajectories from JSONL files, in length-grouped batches
 # ----------------------------------------------------------------------------------------------
 def trajectory_turns(row: dict) -> list[str]:
-    return [t["text"] if isinstance(t, dict) else t for t in row["turns"]]
+    return [turn_text(t) for t in row["turns"]]
 
 
 def read_trajectories(files: list[str]) -> list[dict]:
@@ -172,9 +172,10 @@ def _render_row(rows: list[dict], i: int, processor, max_tokens: int | None, pro
         return sharegpt.tokens(row, processor, max_tokens)
     system = PLAIN_SYSTEM_PROMPT if row.get("system") == "plain" else protocol.system
     turns = trajectory_turns(row) if "turns" in row else [row["solution"]]
+    unlearned = {k for k, t in enumerate(row.get("turns", [])) if isinstance(t, dict) and t.get("learn") is False}
     try:
         return render(load_image(row, row["_root"]), row["problem"], turns, processor, system=system,
-                      max_tokens=max_tokens, protocol=protocol)
+                      max_tokens=max_tokens, protocol=protocol, unlearned=unlearned)
     except InputError as e:
         raise InputError(f"record {row.get('doc_id', i)}: {e}") from None
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common import (Episode, IM_END, IM_START, PLAIN_SYSTEM_PROMPT, encode_chunk, has_special, image_token_count,
                     tool_turn_text)
-from data import InputError, atomic_path, check_image, image_path, load_image
+from data import InputError, atomic_path, check_image, image_path, load_image, turn_text
 from protocol import DEFAULT, IMAGE, Protocol, neutralise
 
 TAG = "<image>"   # LLaMA-Factory's image placeholder in a message
@@ -52,7 +52,7 @@ def export(rows: list[dict], out: str | os.PathLike, budget, protocol: Protocol 
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for k, row in enumerate(tqdm(rows, desc="sharegpt", dynamic_ncols=True, leave=False)):
-        turns = [t["text"] if isinstance(t, dict) else t for t in row["turns"]]
+        turns = [turn_text(t) for t in row["turns"]]
         try:
             msgs, images = _conversation(load_image(row, row.get("_root", ".")), row["problem"], turns,
                                          budget, protocol)

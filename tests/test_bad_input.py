@@ -206,6 +206,10 @@ def test_empty_long_and_empty_turn_records_are_refused(probe_dir, tmp_path):
     with pytest.raises(InputError, match="t.jsonl:1: field 'turns' must be a non-empty list"):
         sft.main(["--data", str(traj), "--init", "tiny", "--out", str(tmp_path / "s"), "--steps", "1"])
     assert not (tmp_path / "s").exists()
+    flag = _questions(probe_dir, tmp_path, lambda rows: rows[0].update(turns=[{"text": "a", "learn": "no"}]),
+                      name="f.jsonl")
+    with pytest.raises(InputError, match="f.jsonl:1: field 'turns' must be"):
+        read_records(flag)
 
 
 def test_rendering_has_a_token_cap_and_big_images_are_scaled_down(tiny, probe_dir, tmp_path):

@@ -227,6 +227,46 @@ def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(
     assert searched >= 2
 
 
+def test_slips_zoom_a_neighbour_without_a_loss_then_name_the_meant_box_again(probe_dir):
+    """--slips: a slipped turn is {"text", "learn": false} whose call zooms a cell one row or column
+    from the box its thought names; the next turn says what that crop shows and zooms the meant box,
+    with the same step text; the search still finds the answer, and without slips nothing changes."""
+    slipped = 0
+    for row, ledger, res in _hard_searches(probe_dir, "chain-compare"):
+        image = load_image(row, probe_dir)
+        assert collect.explore(image, row["problem"], BUDGET, random.Random(0), style="chain-compare", slips=0.0) == res
+        out = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="chain-compare", slips=1.0)
+        assert out["answer"] == row["solution"]
+        colour, _ = collect.parse_question(row["problem"])
+        for k, turn in enumerate(out["turns"]):
+            if not isinstance(turn, dict):
+                continue
+            slipped += 1
+            assert turn["learn"] is False and not isinstance(out["turns"][k + 1], dict)
+            thought, call = turn["text"].split("</think>")
+            meant, went = boxes(thought)[-1], boxes(call)[0]
+            assert sorted(round(abs(a - b), 3) for a, b in zip(meant, went)) == [0, 0, 0.125, 0.125]
+            step = "Next in the list: " + thought.split("Next in the list: ")[1]
+            after = out["turns"][k + 1]
+            assert step in after and boxes(after.split("</think>")[1])[0] == meant
+            assert after.startswith(f"<think>There is no {colour} object here.") or f"is not {colour}." in after
+    assert slipped >= 2
+
+
+def test_slipped_turns_carry_no_loss(tiny, probe_dir):
+    """The tokens of a turn stored with "learn": false are exactly the ones that leave the loss mask."""
+    _, proc = tiny
+    row, _, res = next(_hard_searches(probe_dir, "chain-compare"))
+    image = load_image(row, probe_dir)
+    full = render(image, row["problem"], res["turns"], proc)
+    part = render(image, row["problem"], res["turns"], proc, unlearned={1})
+    assert full["ids"] == part["ids"]
+    dropped = [a and not b for a, b in zip(full["mask"], part["mask"])]
+    assert not any(b and not a for a, b in zip(full["mask"], part["mask"]))
+    runs = np.flatnonzero(np.diff(np.r_[0, np.array(full["mask"], int), 0]))   # starts and ends of labelled runs
+    assert np.flatnonzero(dropped).tolist() == list(range(runs[2], runs[3]))    # the second turn, whole
+
+
 def test_plain_thoughts_are_the_earlier_wording(probe_dir):
     row = next(r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard")
     res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
