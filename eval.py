@@ -89,14 +89,16 @@ def list_steps(t: dict) -> tuple[int, int]:
     """(turns whose thought lists boxes and then zooms, those that zoom on the list's first or last
     box): whether the search steps through the list it has just written (the opening list of
     candidates, a ledger of the boxes still to check), from its front or from its end (collect.py's
-    `ledger` and `backward` thoughts)."""
+    `ledger` and `backward` thoughts). A chain step ("Next in the list: [checked], [next].") follows
+    only when it zooms on its last box: its first is the box already checked."""
     listed = followed = 0
     for text in t["turn_texts"]:
         boxes, call = listed_boxes(text), text.split("<grounding>", 1)[1:]
         zoom = _BOX.search(call[0]) if call else None
         if boxes and zoom:
             listed += 1
-            followed += [float(v) for v in zoom.groups()] in (boxes[0], boxes[-1])
+            ends = (boxes[-1],) if "Next in the list:" in text.split("<grounding>")[0] else (boxes[0], boxes[-1])
+            followed += [float(v) for v in zoom.groups()] in ends
     return listed, followed
 
 

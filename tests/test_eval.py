@@ -102,6 +102,9 @@ def test_zoom_follows_list_compares_each_call_with_the_ends_of_the_list_its_thou
              "<think>It is at [0.5, 0.5, 0.625, 0.625].</think><answer>3</answer>"]      # no call
     t = _search("3", [], turn_texts=texts)
     assert ev.list_steps(t) == (4, 2)
+    pair = "<think>Next in the list: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625].</think>"
+    chain = [pair + call("[0.500, 0.500, 0.625, 0.625]"), pair + call("[0.000, 0.000, 0.125, 0.125]")]
+    assert ev.list_steps(_search("3", [], turn_texts=chain)) == (2, 1)   # a chain step: its last box only
     d = ev.diagnose(t)
     assert (d["listed_turns"], d["followed"]) == (4, 2)
     table = ev.failure_table([t, _search("3", [])])
