@@ -174,7 +174,8 @@ def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, l
 
 
 # A slip (collect.py --slips P): after a miss, the call zooms a cell next to the box its own thought
-# named, one row or column off, that holds no candidate (the tiny model's commonest copying error);
+# named, one row or column off, with no pixel of the asked colour in the overview (the tiny model's
+# commonest copying error is such an off-by-one box);
 # the next turn says what that crop shows (nothing, or an object of another colour: "... I want the
 # red square: blue is not red.") and names the same box again. The slipped turn is stored as
 # {"text", "learn": false}: SFT replays it but takes no loss on it, so only the recovery is taught.
