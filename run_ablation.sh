@@ -5,7 +5,7 @@
 # Each RL arm is trained once per seed and evaluated greedily at turn caps 1-16; ablation.py then
 # prints one table (accuracy ± standard error, questions and seeds resampled), the differences that
 # the paper claims, and draws runs/ablation/ablation.png.
-# SEEDS="0 1 2" (default) takes about 60 minutes on 2 CPU cores (measured 2026-11-28); SEEDS="0" about 20.
+# SEEDS="0 1 2" (default) takes about 60 minutes on 2 CPU cores (59 min 16 s, 2026-11-30); SEEDS="0" about 20.
 # RL_FLAGS must match run_tiny.sh's RL stage, so that the masking arm is the tiny run's recipe.
 # Rerunning it continues: an arm whose evaluation is already there is not trained again
 # (FRESH=1 starts over).
