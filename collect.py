@@ -164,13 +164,11 @@ def step_text(style: str, left: list[list[float]], checked: list[float] | None) 
             else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
 
 
-def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, left: list[list[float]],
-           style: str, checked: list[float] | None = None, to: list[float] | None = None) -> str:
-    """A turn after a crop (of the box `checked`) that did not show the asked-for object: say so,
-    then zoom on the next box (or on `to`: a slip, see `slip`)."""
-    nxt = left[-1] if style == "backward" else left[0]
-    thought = f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step_text(style, left, checked)}"
-    return said(thought, zoom_text(to or nxt))
+def missed(colour: str, shape: str, seen_shape: str | None, glyph: str | None, style: str, step: str,
+           box: list[float]) -> str:
+    """A turn after a crop that did not show the asked-for object: say so, name the next box (`step`,
+    from step_text), then zoom on `box` (the next box, or where a slip lands: see `slip`)."""
+    return said(f"{verdict(colour, shape, seen_shape, glyph, VERDICT_STYLE[style])} {step}", zoom_text(box))
 
 
 # A slip (collect.py --slips P): after a miss, the call zooms a cell next to the box its own thought
@@ -285,13 +283,12 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
             left = cells[: len(cells) - 1 - i] if backward else cells[i + 1:]
-            boxes, nxt = [cell_box(c) for c in left], cell_box(order[i + 1])
+            step, nxt = step_text(style, [cell_box(c) for c in left], cell_box(cell)), cell_box(order[i + 1])
             wrong = slip_to(order[i + 1]) if slip_to else None
-            turns.append(missed(colour, shape, got_shape, glyph, boxes, style, cell_box(cell), to=wrong))
+            turns.append(missed(colour, shape, got_shape, glyph, style, step, wrong or nxt))
             if wrong:   # a slip: no loss on the turn that made it, then the recovery (see `slip`)
                 turns[-1] = {"text": turns[-1], "learn": False}
-                seen = describe_any(look(wrong))
-                turns.append(recovered(colour, shape, seen, style, step_text(style, boxes, cell_box(cell)), nxt))
+                turns.append(recovered(colour, shape, describe_any(look(wrong)), style, step, nxt))
     turns.append(said(f"None of the {colour} objects is the {colour} {shape}.", NO_ANSWER))
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
