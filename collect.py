@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import (Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, fmt_box, grade, has_special, verdict,
-                    zoom_text)
+from common import (Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, fmt_box, grade, has_special, look_verdict,
+                    verdict, zoom_text)
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
                   main_cli, read_records, turn_text, write_jsonl)
 from infer import Engine, Sample, Settings
@@ -199,16 +199,7 @@ def describe_any(arr: np.ndarray) -> tuple[str, str, str] | None:
 def recovered(colour: str, shape: str, seen: tuple[str, str, str] | None, style: str, step: str,
               box: list[float]) -> str:
     """The turn after a slip's crop: what it shows, then the box that was meant, again."""
-    vstyle = VERDICT_STYLE[style]
-    if seen is not None and seen[0] == colour:
-        what = verdict(colour, shape, seen[1], seen[2], vstyle)
-    elif vstyle == "compare":
-        want = f"I want the {colour} {shape}:"
-        what = (f"There is no {colour} object here. {want} not it." if seen is None else
-                f"It is a {seen[0]} {seen[1]} with the character {seen[2]}. {want} {seen[0]} is not {colour}.")
-    else:
-        what = (f"There is no {colour} object here." if seen is None else
-                f"It is a {seen[0]} {seen[1]} with the character {seen[2]}, not the {colour} {shape}.")
+    what = look_verdict(colour, shape, seen, VERDICT_STYLE[style])
     return said(f"{what} {step}", zoom_text(box))
 
 

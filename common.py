@@ -66,6 +66,21 @@ def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, 
     return f"{seen}, not the {colour} {shape}."
 
 
+def look_verdict(colour: str, shape: str, seen: tuple[str, str, str] | None, style: str = "ledger") -> str:
+    """`verdict` for any crop: `seen` is (colour, shape, character) of the object it shows, or None when
+    it shows no object. One of another colour, or none at all, is named as such ("There is no red
+    object here. I want the red square: not it." / "It is a blue diamond with the character 3. I want
+    the red square: blue is not red."); one of the asked colour gets `verdict`."""
+    if seen is not None and seen[0] == colour:
+        return verdict(colour, shape, seen[1], seen[2], style)
+    if style == "compare":
+        want = f"I want the {colour} {shape}:"
+        return (f"There is no {colour} object here. {want} not it." if seen is None else
+                f"It is a {seen[0]} {seen[1]} with the character {seen[2]}. {want} {seen[0]} is not {colour}.")
+    return (f"There is no {colour} object here." if seen is None else
+            f"It is a {seen[0]} {seen[1]} with the character {seen[2]}, not the {colour} {shape}.")
+
+
 def fmt_box(box: list[float]) -> str:
     """A relative box as the protocol writes it: "[0.125, 0.250, 0.250, 0.375]"."""
     return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"

@@ -1,12 +1,16 @@
-"""Text-only drills: short synthetic pieces of a search, without pictures, that train one skill of it
-with many more examples than the trajectories hold (sft.py --verdict-drills / --ledger-drills,
-base.py's `compare` and `ledger` tasks). Each returns its texts and what of them is learned from;
+"""Drills: short synthetic pieces of a search that train one skill of it with many more examples than
+the trajectories hold (sft.py --verdict-drills / --ledger-drills / --look-drills, base.py's `compare`
+and `ledger` tasks). The verdict and ledger drills are text only; the look drill is one crop of a
+probe picture. Each returns its texts (and picture) and what of them is learned from;
 sft.drill_batch turns them into tokens and labels."""
 from __future__ import annotations
 
 import numpy as np
 
-from common import QUESTION, WORDS, fmt_box, observation_text, tool_turn_text, verdict, zoom_text
+from PIL import Image
+
+from common import QUESTION, WORDS, fmt_box, look_verdict, observation_text, tool_turn_text, verdict, zoom_text
+from make_probe import GRID, LEVELS, ask, cell_box, probe_sample
 
 
 def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str, str, str]:
@@ -62,3 +66,29 @@ def ledger_drill(rng: np.random.Generator, grid: int = 8) -> tuple[str, str, lis
         say(f"<think>{seen} Left to check: "), say(listing(boxes[: n - 1 - k]), True)
         zoom(boxes[n - 2 - k])
     return QUESTION.format(colour=colour, shape=shape), text, spans
+
+
+def look_drills(rng: np.random.Generator, style: str = "ledger") -> list[tuple[Image.Image, str, str]]:
+    """Drills of looking at a crop (sft.py --look-drills): one probe picture of a random level, and
+    four one-cell crops of it, as a search's zooms show them: the target's cell, a look-alike's, the
+    cell of an object of another colour, and a cell with no object (clutter only). Each is asked
+    "Is this the <colour> <shape>?" about the picture's target and answered by `look_verdict`. The
+    trajectories never zoom a cell without a candidate, so without these the model learns that a
+    crop always shows an object of the asked colour, and at test time describes one in an empty
+    cell, or copies the goal from the object it has just described (NOTES.md section 12).
+    Returns [(crop, problem, answer)] (the problem with its "<image>"; every answer token learned)."""
+    level = str(rng.choice(list(LEVELS)))
+    img, _, placed = probe_sample(rng, level)
+    target, size = placed[0], LEVELS[level]["size"]
+    colour, shape = target["colour"], target["shape"]
+    pick = lambda objs: objs[int(rng.integers(len(objs)))]
+    lookalikes = [o for o in placed[1:] if o["colour"] == colour]
+    others = [o for o in placed if o["colour"] != colour]
+    empty = sorted(set(range(GRID * GRID)) - {o["cell"] for o in placed})
+    out = []
+    for cell in (target["cell"], pick(lookalikes)["cell"], pick(others)["cell"], pick(empty)):
+        o = next((p for p in placed if p["cell"] == cell), None)
+        seen = None if o is None else (o["colour"], o["shape"], o["glyph"])
+        crop = img.crop(tuple(int(v * size) for v in cell_box(cell)))
+        out.append((crop, ask(f"Is this the {colour} {shape}?"), look_verdict(colour, shape, seen, style)))
+    return out

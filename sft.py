@@ -32,7 +32,7 @@ import sharegpt
 from common import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, VERDICT_STYLES, encode_chunk, grade, prompt_text, render
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, load_image,
                   main_cli, read_jsonl, read_records, turn_text)
-from drills import ledger_drill, verdict_drill
+from drills import ledger_drill, look_drills, verdict_drill
 from eval import line_plot
 from infer import Engine, Sample, Settings
 from parallel import World
@@ -59,27 +59,34 @@ def sft_loss(model, batch: dict, n_tokens: int, n_micro: int) -> torch.Tensor:
 DRILL_SEARCH_SHARE = 0.5   # drills under the search's long system prompt, the rest under the plain one
 
 
-DRILL_KINDS = ("verdict", "ledger")
+DRILL_KINDS = ("verdict", "ledger", "look")
 
 
 def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_share: float = 0.0,
                 style: str = "ledger", kind: str = "verdict") -> list[dict]:
-    """n text-only drills. `verdict` (drills.verdict_drill): the question, a thought that ends on a
+    """n drills of one kind. `verdict` (drills.verdict_drill): the question, a thought that ends on a
     description, the loss on the verdict only; half of them describe the asked object, so only
     comparing the two shapes lowers the loss. `ledger` (drills.ledger_drill): a search without its
-    crops, the loss on the copies only (each "Left to check:" list and each call's box). The short
-    plain system prompt keeps them short; a share `search_share` carries the search's own (about
-    220 tokens)."""
+    crops, the loss on the copies only (each "Left to check:" list and each call's box). `look`
+    (drills.look_drills): one crop, "Is this the <colour> <shape>?", the loss on the whole answer
+    (what the crop shows, then the verdict). The short plain system prompt keeps them short; a share
+    `search_share` carries the search's own (about 220 tokens)."""
     if kind not in DRILL_KINDS:
         raise ValueError(f"unknown drill kind {kind!r}; choose from {DRILL_KINDS}")
-    rng, tok = np.random.default_rng([seed, step, rank, 7 if kind == "verdict" else 8]), processor.tokenizer
-    out = []
+    rng, tok = np.random.default_rng([seed, step, rank, 7 + DRILL_KINDS.index(kind)]), processor.tokenizer
+    out, looks = [], []
     for _ in range(n):
-        if kind == "ledger":
+        if kind == "look":
+            looks = looks or look_drills(rng, style)
+            crop, problem, answer = looks.pop()
+        elif kind == "ledger":
             question, said, spans = ledger_drill(rng)
         else:
             question, thought, said = verdict_drill(rng, style)
         system = SYSTEM_PROMPT if rng.random() < search_share else PLAIN_SYSTEM_PROMPT
+        if kind == "look":
+            out.append(render(crop, problem, [answer], processor, system=system))
+            continue
         if kind == "ledger":
             head = encode_chunk(tok, prompt_text(question, system, image=False))
             enc = tok(said, return_offsets_mapping=True, add_special_tokens=False)
@@ -398,6 +405,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--ledger-drills", type=NONNEGATIVE, default=0,
                     help="text-only drills of stepping through one's own list (the backward ledger's copies: "
                          "collect.py --thoughts backward) added to each step, as a loss of their own (0: none)")
+    ap.add_argument("--look-drills", type=NONNEGATIVE, default=0,
+                    help="drills of one crop each (a target, a look-alike, another colour, an empty cell), asked "
+                         "'Is this the <colour> <shape>?', added to each step, as a loss of their own (0: none)")
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
     add_protocol_args(ap)
     args = parse_with_preset(ap, argv)
@@ -415,7 +425,8 @@ def main(argv: list[str] | None = None):
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     parallel.prepare(model, args.grad_checkpointing, args.precision, world)
-    drills = {kind: n for kind, n in (("verdict", args.verdict_drills), ("ledger", args.ledger_drills)) if n}
+    drills = {kind: n for kind, n in (("verdict", args.verdict_drills), ("ledger", args.ledger_drills),
+                                      ("look", args.look_drills)) if n}
 
     def make(k):
         batch = collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens, protocol,
@@ -428,7 +439,7 @@ def main(argv: list[str] | None = None):
     evaluate = None
     if held_out or (drills and not world.sharded):  # held-out searches; fresh drills of each kind trained
         root = Path(args.eval_data).parent if held_out else None
-        name = {"verdict": "drills", "ledger": "ledger_drills"}
+        name = {"verdict": "drills", "ledger": "ledger_drills", "look": "look_drills"}
         evaluate = lambda m: {
             **(evaluate_search(m, processor, held_out, root, protocol=protocol) if held_out else {}),
             **{name[kind]: drill_accuracy(m, processor, style=args.verdict_style, kind=kind) for kind in drills}}

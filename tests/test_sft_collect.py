@@ -337,6 +337,38 @@ def test_compare_drills_label_the_decision(tiny):
         assert re.fullmatch(r"(the same|not \w+) ?\.", labelled.strip()), labelled
 
 
+def test_look_drills_show_what_the_cell_holds(tiny):
+    """A look drill's four crops are the target's cell, a look-alike's, another colour's and an empty
+    cell of one probe picture, by their pixels (the asked colour's fill is in the first two and
+    nowhere in the last two; the empty one holds no object colour at all), each answered with what it
+    shows; drill_batch labels exactly the answer (and the end of the message) after one picture."""
+    from common import look_verdict
+    from drills import look_drills
+    from make_probe import COLOURS
+    fill = lambda crop, c: int((np.asarray(crop.convert("RGB")) == COLOURS[c]).all(-1).sum())
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        (t, q, a0), (l, _, a1), (o, _, a2), (e, _, a3) = look_drills(rng, "compare")
+        colour, shape = re.fullmatch(r"Is this the (\w+) (\w+)\?\n<image>", q).groups()
+        assert fill(t, colour) > 300 and fill(l, colour) > 300 and fill(o, colour) == 0
+        assert sum(fill(e, c) for c in COLOURS) == 0 and t.size == e.size and t.size[0] in (128, 192)
+        assert a0.endswith(f"I want the {colour} {shape}: {shape} is the same.")
+        assert re.fullmatch(rf"It is a {colour} (\w+) with the character \w\. I want the {colour} {shape}: \1 is not {shape}\.", a1)
+        other = re.fullmatch(rf"It is a (\w+) \w+ with the character \w\. I want the {colour} {shape}: \1 is not {colour}\.", a2)
+        assert other and other.group(1) != colour and fill(o, other.group(1)) > 300
+        assert a3 == f"There is no {colour} object here. I want the {colour} {shape}: not it."
+    assert look_verdict("red", "circle", None) == "There is no red object here."
+    assert look_verdict("red", "circle", ("blue", "circle", "4")) == "It is a blue circle with the character 4, not the red circle."
+    _, proc = tiny
+    drills = sft.drill_batch(3, 6, seed=0, processor=proc, kind="look", style="compare")
+    assert drills[0]["ids"] == sft.drill_batch(3, 6, seed=0, processor=proc, kind="look", style="compare")[0]["ids"]
+    for d in drills:
+        labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
+        assert re.fullmatch(r"(It is a|There is no) .*: .*\.<\|im_end\|>", labelled), labelled
+        assert len(d["shown"]) == 1 and d["ids"].count(proc.image_token_id) > 0
+        assert not any(d["mask"][:d["mask"].index(True)]) and all(d["mask"][d["mask"].index(True):])
+
+
 def test_ledger_drills_label_only_the_copies_and_each_copy_is_right(tiny):
     """A ledger drill is a search without crops in the backward ledger: every call zooms the last box
     of the list just written, each "Left to check:" is the previous list minus its last box, the
