@@ -146,10 +146,12 @@ def said(thought: str, action: str) -> str:
 # the opening list ("Next in the list: [a], [b]."), the very words of that list, so the next box is
 # what follows the same words further up (a copy keyed on a whole box), and the call copies the box
 # just written. The opening thought ends by repeating "the <colour> objects: [first]" the same way.
-# "chain-compare": the chain's steps with the compare style's verdicts.
-STYLES = ("ledger", "plain", "compare", "backward", "chain", "chain-compare")
+# "chain-compare": the chain's steps with the compare style's verdicts. "chain-goal": the chain's
+# steps with the goal style's ("I want the green circle. It is a green triangle with the character
+# 8: triangle is not circle."): each turn after a crop opens by naming the asked object again.
+STYLES = ("ledger", "plain", "compare", "backward", "chain", "chain-compare", "chain-goal")
 VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger", "chain": "ledger",
-                 "chain-compare": "compare"}
+                 "chain-compare": "compare", "chain-goal": "goal"}
 
 
 def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:

@@ -40,7 +40,7 @@ WORDS = {"colours": ["red", "green", "blue", "yellow"],
 QUESTION = "What is the character printed on the {colour} {shape}?"   # the tiny world's question
 
 
-VERDICT_STYLES = ("ledger", "compare")
+VERDICT_STYLES = ("ledger", "compare", "goal")
 
 
 def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, style: str = "ledger") -> str:
@@ -49,16 +49,23 @@ def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, 
     ("It is a green triangle with the character 8, not the green circle."), so it must look up the
     asked shape in the question far above. "compare": the thought first copies the two shapes side
     by side ("... 8. I want the green circle: triangle is not circle."), so the decision compares
-    two words a fixed distance apart."""
+    two words a fixed distance apart. "goal": the asked object first, then the description and the
+    same comparison ("I want the green circle. It is a green triangle with the character 8: triangle
+    is not circle."): the goal is copied from the previous turn's own first words before anything
+    of the crop is written, so the object just described cannot take its place."""
     if style not in VERDICT_STYLES:
         raise ValueError(f"unknown verdict style {style!r}; choose from {VERDICT_STYLES}")
+    readable = bool(seen_shape and glyph)
+    same = "is the same." if seen_shape == shape else f"is not {shape}."
+    if style == "goal":
+        return (f"I want the {colour} {shape}. " + (f"It is a {colour} {seen_shape} with the character {glyph}: "
+                                                     f"{seen_shape} {same}" if readable else "I cannot make it out here: not it."))
     if style == "compare":
         want = f"I want the {colour} {shape}:"
-        if not (seen_shape and glyph):
+        if not readable:
             return f"I cannot make it out here. {want} not it."
-        same = "is the same." if seen_shape == shape else f"is not {shape}."
         return f"It is a {colour} {seen_shape} with the character {glyph}. {want} {seen_shape} {same}"
-    if not (seen_shape and glyph):
+    if not readable:
         return f"I cannot make it out here, not the {colour} {shape}."
     seen = f"It is a {colour} {seen_shape} with the character {glyph}"
     if seen_shape == shape:
@@ -73,6 +80,10 @@ def look_verdict(colour: str, shape: str, seen: tuple[str, str, str] | None, sty
     the red square: blue is not red."); one of the asked colour gets `verdict`."""
     if seen is not None and seen[0] == colour:
         return verdict(colour, shape, seen[1], seen[2], style)
+    if style == "goal":
+        return f"I want the {colour} {shape}. " + (f"There is no {colour} object here: not it." if seen is None else
+                                                    f"It is a {seen[0]} {seen[1]} with the character {seen[2]}: "
+                                                    f"{seen[0]} is not {colour}.")
     if style == "compare":
         want = f"I want the {colour} {shape}:"
         return (f"There is no {colour} object here. {want} not it." if seen is None else

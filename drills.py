@@ -18,7 +18,7 @@ def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str,
     so far, the verdict). The thought names the asked object, passes 0-3 look-alikes, then describes
     one more object, which is the asked one half the time; the verdict must compare the two shapes.
     There is no picture: the description is given, and only the decision and what follows it is
-    learned from: in the ledger style all after the character, in the compare style all after the
+    learned from: in the ledger style all after the character, in the compare and goal styles all after the
     copied shapes' "is" (the copies are easy; labelled, they would dilute the decision's share)."""
     colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
     others = [s for s in WORDS["shapes"] if s != shape]
@@ -27,7 +27,7 @@ def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str,
         thought += verdict(colour, shape, str(rng.choice(others)), str(rng.choice(WORDS["glyphs"])), style) + " "
     seen = shape if rng.random() < 0.5 else str(rng.choice(others))
     said = verdict(colour, shape, seen, str(rng.choice(WORDS["glyphs"])), style)
-    cut = (said.rindex(f": {seen} is ") + len(f": {seen} is") if style == "compare"
+    cut = (said.rindex(f": {seen} is ") + len(f": {seen} is") if style != "ledger"
            else said.index(" with the character ") + len(" with the character ") + 1)
     return QUESTION.format(colour=colour, shape=shape), thought + said[:cut], said[cut:]
 

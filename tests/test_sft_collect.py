@@ -201,12 +201,13 @@ def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
     assert searched >= 2
 
 
-@pytest.mark.parametrize("style", ["chain", "chain-compare"])
+@pytest.mark.parametrize("style", ["chain", "chain-compare", "chain-goal"])
 def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(probe_dir, style):
     """The chain styles: the same searches as the ledger; the opening thought ends on "the <colour>
     objects: [first]" (the list's own words) and zooms it; after a miss the thought writes "Next in
     the list: [checked], [next]." where "[checked], [next]" is a piece of the opening list's text,
-    and zooms the next box. chain-compare gives its verdicts in the compare style's words."""
+    and zooms the next box. chain-compare gives its verdicts in the compare style's words; chain-goal
+    opens every turn after a crop with "I want the <colour> <shape>." before describing the crop."""
     searched = 0
     for row, ledger, res in _hard_searches(probe_dir, style):
         searched += 1
@@ -220,9 +221,10 @@ def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(
         for k, turn in enumerate(res["turns"][1:-1], start=1):
             pair = turn.split("Next in the list: ")[1].split(".</think>")[0]
             assert pair in listing and boxes(pair) == [zooms[k - 1], zooms[k]]
-            assert (f"I want the {colour} " in turn) == (style == "chain-compare")
+            assert (f"I want the {colour} " in turn) == (style != "chain")
+            assert turn.startswith(f"<think>I want the {colour} {shape}. It is a ") == (style == "chain-goal")
         assert res["turns"][-1].split("</think>")[0].endswith(
-            "is the same." if style == "chain-compare" else f"This is the {colour} {shape}.")
+            f"{shape} is the same." if style != "chain" else f"This is the {colour} {shape}.")
         assert zooms == boxes(listing)[: len(zooms)]
     assert searched >= 2
 
@@ -251,6 +253,12 @@ def test_slips_zoom_a_neighbour_without_a_loss_then_name_the_meant_box_again(pro
             assert step in after and boxes(after.split("</think>")[1])[0] == meant
             assert after.startswith(f"<think>There is no {colour} object here.") or f"is not {colour}." in after
     assert slipped >= 2
+    row, _, res = next(_hard_searches(probe_dir, "chain-goal"))   # the goal style: the goal, then what the crop shows
+    out = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="chain-goal", slips=1.0)
+    colour, shape = collect.parse_question(row["problem"])
+    after = [out["turns"][k + 1] for k, t in enumerate(out["turns"]) if isinstance(t, dict)]
+    assert after and all(re.match(rf"<think>I want the {colour} {shape}\. (There is no {colour} object here: not it"
+                                  rf"|It is a \w+ \w+ with the character \w: \w+ is not {colour})\. Next", a) for a in after)
 
 
 def test_slipped_turns_carry_no_loss(tiny, probe_dir):
@@ -328,6 +336,12 @@ def test_compare_drills_label_the_decision(tiny):
         colour, shape = question.split()[-2], question.rsplit(" ", 1)[-1].rstrip("?")
         seen = re.search(r"It is a \w+ (\w+) with the character \w\. I want the \w+ \w+: (\w+) is$", thought)
         assert thought.endswith(f"I want the {colour} {shape}: {seen.group(1)} is") and seen.group(2) == seen.group(1)
+        assert said == (" the same." if seen.group(1) == shape else f" not {shape}.")
+    for _ in range(100):   # the goal style: the goal first, the same decision labelled
+        question, thought, said = verdict_drill(rng, "goal")
+        colour, shape = question.split()[-2], question.rsplit(" ", 1)[-1].rstrip("?")
+        seen = re.search(rf"I want the {colour} {shape}\. It is a {colour} (\w+) with the character \w: (\w+) is$", thought)
+        assert seen and seen.group(2) == seen.group(1)
         assert said == (" the same." if seen.group(1) == shape else f" not {shape}.")
     with pytest.raises(ValueError, match="verdict style"):
         verdict("red", "circle", "square", "8", "shouty")
