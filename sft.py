@@ -59,7 +59,8 @@ def sft_loss(model, batch: dict, n_tokens: int, n_micro: int) -> torch.Tensor:
 DRILL_SEARCH_SHARE = 0.5   # drills under the search's long system prompt, the rest under the plain one
 
 
-DRILL_KINDS = ("verdict", "ledger", "look")
+DRILL_KINDS = ("verdict", "ledger", "look")   # sft.py --<kind>-drills N
+DRILL_LOG = {"verdict": "drills", "ledger": "ledger_drills", "look": "look_drills"}   # their names in the log
 
 
 def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_share: float = 0.0,
@@ -382,7 +383,7 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     op.add_argument("--max-tokens", type=POSITIVE, default=4096, help="longest conversation trained on")
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--verdict-style", choices=VERDICT_STYLES, default="ledger",
-                    help="wording of the verdict drills (common.verdict): the trajectories' (collect.py --thoughts)")
+                    help="wording of the verdict and look drills (common.verdict): the trajectories' (collect.py --thoughts)")
     run = ap.add_argument_group("machine")
     run.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0: torch's default)")
     run.add_argument("--workers", type=NONNEGATIVE, default=0, help="processes building batches ahead")
@@ -391,12 +392,8 @@ def add_training_args(ap: argparse.ArgumentParser, init: str, out: str, steps: i
     run.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
 
 
-def main(argv: list[str] | None = None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", default=["runs/tiny/coldstart.jsonl"],
-                    help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
-                         "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
-    ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
+def add_drill_args(ap: argparse.ArgumentParser):
+    """The drills added to each SFT step (drill_batch), each kind a loss of its own."""
     ap.add_argument("--drill-weight", type=NONNEGATIVE_FLOAT, default=1.0,
                     help="weight of the drills' mean loss beside the trajectories' (1: equal)")
     ap.add_argument("--verdict-drills", type=NONNEGATIVE, default=0,
@@ -408,6 +405,15 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--look-drills", type=NONNEGATIVE, default=0,
                     help="drills of one crop each (a target, a look-alike, another colour, an empty cell), asked "
                          "'Is this the <colour> <shape>?', added to each step, as a loss of their own (0: none)")
+
+
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", default=["runs/tiny/coldstart.jsonl"],
+                    help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
+                         "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
+    ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
+    add_drill_args(ap)
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
     add_protocol_args(ap)
     args = parse_with_preset(ap, argv)
@@ -425,8 +431,7 @@ def main(argv: list[str] | None = None):
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     parallel.prepare(model, args.grad_checkpointing, args.precision, world)
-    drills = {kind: n for kind, n in (("verdict", args.verdict_drills), ("ledger", args.ledger_drills),
-                                      ("look", args.look_drills)) if n}
+    drills = {kind: getattr(args, f"{kind}_drills") for kind in DRILL_KINDS if getattr(args, f"{kind}_drills")}
 
     def make(k):
         batch = collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens, protocol,
@@ -439,10 +444,9 @@ def main(argv: list[str] | None = None):
     evaluate = None
     if held_out or (drills and not world.sharded):  # held-out searches; fresh drills of each kind trained
         root = Path(args.eval_data).parent if held_out else None
-        name = {"verdict": "drills", "ledger": "ledger_drills", "look": "look_drills"}
         evaluate = lambda m: {
             **(evaluate_search(m, processor, held_out, root, protocol=protocol) if held_out else {}),
-            **{name[kind]: drill_accuracy(m, processor, style=args.verdict_style, kind=kind) for kind in drills}}
+            **{DRILL_LOG[kind]: drill_accuracy(m, processor, style=args.verdict_style, kind=kind) for kind in drills}}
     train(args, model, processor, state, make, sft_loss, evaluate, world=world)
     parallel.close(world)
 
