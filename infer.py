@@ -58,7 +58,7 @@ class Sample:
 class Trajectory:
     token_ids: list[int]                 # the whole conversation, prompt included
     sampled_mask: list[bool]             # True where the model produced the token
-    logprobs: list[float]                # log p of each sampled token at temperature 1 (0 elsewhere)
+    logprobs: list[float]                # log p of each sampled token at the sampling temperature (0 elsewhere)
     turn_texts: list[str] = field(default_factory=list)
     crops: list[dict] = field(default_factory=list)
     shown: list[Image.Image] = field(default_factory=list)   # every image as the model saw it
@@ -105,7 +105,7 @@ class TokenChooser:
     """Each row's next token from its logits, on the logits' device: processor-only ids get a -inf
     bias (never chosen), then greedy or temperature/top-p sampling from one seeded generator; a
     scripted (forced) token overrides the choice. The log-probability returned is that of the full
-    distribution at temperature 1. `choose` reads nothing back to the host; `__call__` is the one
+    distribution sampled from: at the temperature (before top-p), at temperature 1 when greedy. `choose` reads nothing back to the host; `__call__` is the one
     read per step the engine makes."""
 
     def __init__(self, banned: torch.Tensor, settings: Settings):
@@ -118,7 +118,7 @@ class TokenChooser:
             self.bias = torch.zeros(logits.shape[-1], device=logits.device)
             self.bias[self.banned.to(logits.device)] = float("-inf")
             self.gen = torch.Generator(device=logits.device).manual_seed(self.s.seed)
-        logp = F.log_softmax(logits, -1)
+        logp = F.log_softmax(logits if self.s.greedy else logits / max(self.s.temperature, 1e-6), -1)
         allowed = logits + self.bias
         chosen = allowed.argmax(-1) if self.s.greedy else self.sample(allowed)
         if any(t is not None for t in forced):

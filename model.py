@@ -305,11 +305,12 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_logprobs(model, batch: dict) -> torch.Tensor:
-    """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L]."""
+def token_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L], of the
+    distribution at `temperature` (the logits divided by it), the one rl.py's rollouts sample from."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"))
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1].float() / temperature
     lp = torch.gather(F.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
     return F.pad(lp, (1, 0))

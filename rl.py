@@ -9,7 +9,8 @@ Reads: a policy checkpoint (--model) and probe questions (--data). Writes: the t
 
 Each step: take P questions, roll out G trajectories per question through the engine
 (temperature 1.0, at most --max-turns turns), score each answer, turn the scores into advantages
-within each group, and take clipped policy-gradient steps on exactly the tokens the engine sampled.
+within each group, and take clipped policy-gradient steps on exactly the tokens the engine sampled,
+their log-probabilities taken at the temperature they were sampled at (the policy that sampled).
 
 Over-turn masking: a trajectory that still calls the tool on its last allowed turn (or runs out of
 context) has no answer, so its reward is 0. Trained on, that 0 teaches the model to stop searching
@@ -160,10 +161,11 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
     return groups, stats, tried, dropped
 
 
-def kl_penalty(ref, batch, lp) -> torch.Tensor:
-    """k3 estimate of KL(policy || reference) over the sampled tokens (off unless --kl > 0)."""
+def kl_penalty(ref, batch, lp, temperature: float = 1.0) -> torch.Tensor:
+    """k3 estimate of KL(policy || reference) over the sampled tokens (off unless --kl > 0), both at
+    the sampling temperature."""
     with torch.no_grad():
-        ref_lp = token_logprobs(ref, batch)
+        ref_lp = token_logprobs(ref, batch, temperature)
     d = ref_lp - lp
     m = batch["loss_mask"].float()
     return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
@@ -197,7 +199,7 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     chunks = minibatches(order, max(1, args.minibatch // world.size), world, len(trajs) - 1)
     model.eval()
     with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
-        olds = [token_logprobs(model, as_batch(trajs, idx, processor, device)) for idx in chunks]
+        olds = [token_logprobs(model, as_batch(trajs, idx, processor, device), args.temperature) for idx in chunks]
     gap = [0.0, 0]
     model.train()
     losses, clips, n_tok = [], [], 0
@@ -211,11 +213,11 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
         on = batch["loss_mask"].bool() & keep[idx].to(device)[:, None]
         gap = [gap[0] + float((engine_lp - old).abs()[on].sum()), gap[1] + int(on.sum())]
         with parallel.autocast(model, args.precision):
-            lp = token_logprobs(model, batch)
+            lp = token_logprobs(model, batch, args.temperature)   # the policy that sampled: same temperature
         loss, clip = policy_loss(lp, old, adv[idx].to(device), batch["loss_mask"], keep[idx].to(device),
                                  args.clip_low, args.clip_high, max(1.0, world.sum(int(on.sum()))) / world.size)
         if ref is not None:
-            loss = loss + args.kl * kl_penalty(ref, batch, lp)
+            loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature)
         check_finite(loss, step + 1, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -262,7 +264,7 @@ def parse_args(argv=None):
     ro.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
     ro.add_argument("--max-total-tokens", type=POSITIVE, default=4096, help="the whole conversation")
     ro.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
-    ro.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    ro.add_argument("--temperature", type=RATE, default=1.0, help="of the rollouts, and of the log-probs trained on")
     ro.add_argument("--max-batch", type=POSITIVE, default=32, help="engine rows at a time")
     ro.add_argument("--rollout-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the engine's weights (auto: bfloat16 on CUDA, float32 on the CPU)")

@@ -482,6 +482,7 @@ def test_sft_with_verdict_drills_trains_and_logs(small_run):
     _sft(small_run, small_run / "compare", "--verdict-drills", "4", "--verdict-style", "compare", "--eval-every", "4")
     evals = [r["eval"] for r in read_jsonl(small_run / "compare_log.jsonl") if "eval" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["drills"] <= 1.0   # the verdict on fresh drills, logged
-    _sft(small_run, small_run / "both", "--verdict-drills", "2", "--ledger-drills", "2", "--eval-every", "4")
+    _sft(small_run, small_run / "both", "--verdict-drills", "2", "--ledger-drills", "2", "--look-drills", "2",
+         "--verdict-style", "goal", "--eval-every", "4")
     evals = [r["eval"] for r in read_jsonl(small_run / "both_log.jsonl") if "eval" in r]
-    assert len(evals) == 1 and {"drills", "ledger_drills"} <= set(evals[0])   # each kind on fresh drills
+    assert len(evals) == 1 and {"drills", "ledger_drills", "look_drills"} <= set(evals[0])   # each kind on fresh drills
