@@ -6,7 +6,6 @@ sft.drill_batch turns them into tokens and labels."""
 from __future__ import annotations
 
 import numpy as np
-
 from PIL import Image
 
 from common import QUESTION, WORDS, fmt_box, look_verdict, observation_text, tool_turn_text, verdict, zoom_text
@@ -18,8 +17,9 @@ def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str,
     so far, the verdict). The thought names the asked object, passes 0-3 look-alikes, then describes
     one more object, which is the asked one half the time; the verdict must compare the two shapes.
     There is no picture: the description is given, and only the decision and what follows it is
-    learned from: in the ledger style all after the character, in the compare and goal styles all after the
-    copied shapes' "is" (the copies are easy; labelled, they would dilute the decision's share)."""
+    learned from: in the ledger style all after the character, in the compare and goal styles all
+    after the copied shapes' "is" (the copies are easy; labelled, they would dilute the decision's
+    share)."""
     colour, shape = str(rng.choice(WORDS["colours"])), str(rng.choice(WORDS["shapes"]))
     others = [s for s in WORDS["shapes"] if s != shape]
     thought = f"<think>I am looking for the {colour} {shape}. "
@@ -73,9 +73,10 @@ def look_drills(rng: np.random.Generator, style: str = "ledger") -> list[tuple[I
     four one-cell crops of it, as a search's zooms show them: the target's cell, a look-alike's, the
     cell of an object of another colour, and a cell with no object (clutter only). Each is asked
     "Is this the <colour> <shape>?" about the picture's target and answered by `look_verdict`. The
-    trajectories never zoom a cell without a candidate, so without these the model learns that a
-    crop always shows an object of the asked colour, and at test time describes one in an empty
-    cell, or copies the goal from the object it has just described (NOTES.md section 12).
+    explorer never zooms a cell without a candidate, so from its trajectories alone the model learns
+    that a crop always shows an object of the asked colour and describes one in an empty cell too.
+    (NOTES.md section 12: alone, these drills taught the look-alikes but not the empty cells inside
+    a search; with collect.py --slips 0.5 beside them, the empty crops were said to be empty.)
     Returns [(crop, problem, answer)] (the problem with its "<image>"; every answer token learned)."""
     level = str(rng.choice(list(LEVELS)))
     img, _, placed = probe_sample(rng, level)
