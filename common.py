@@ -43,6 +43,20 @@ QUESTION = "What is the character printed on the {colour} {shape}?"   # the tiny
 VERDICT_STYLES = ("ledger", "compare", "goal")
 
 
+def _sentence(colour: str, shape: str, said: str, decision: str, style: str, same: bool = False) -> str:
+    """What a crop shows (`said`) and whether it is the asked-for object, in one of VERDICT_STYLES:
+    `decision` is the compare and goal styles' words after the colon; the ledger style says "This is
+    the <colour> <shape>." when `same`, else ", not the <colour> <shape>."."""
+    if style not in VERDICT_STYLES:
+        raise ValueError(f"unknown verdict style {style!r}; choose from {VERDICT_STYLES}")
+    want = f"I want the {colour} {shape}"
+    if style == "goal":
+        return f"{want}. {said}: {decision}"
+    if style == "compare":
+        return f"{said}. {want}: {decision}"
+    return f"{said}. This is the {colour} {shape}." if same else f"{said}, not the {colour} {shape}."
+
+
 def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, style: str = "ledger") -> str:
     """The sentence after a crop in a search (collect.py) and in base.py's `verify` task: what the crop
     shows, and whether that is the asked-for object. "ledger": the decision follows the description
@@ -53,24 +67,11 @@ def verdict(colour: str, shape: str, seen_shape: str | None, glyph: str | None, 
     same comparison ("I want the green circle. It is a green triangle with the character 8: triangle
     is not circle."): the goal is copied from the previous turn's own first words before anything
     of the crop is written, so the object just described cannot take its place."""
-    if style not in VERDICT_STYLES:
-        raise ValueError(f"unknown verdict style {style!r}; choose from {VERDICT_STYLES}")
-    readable = bool(seen_shape and glyph)
-    same = "is the same." if seen_shape == shape else f"is not {shape}."
-    if style == "goal":
-        return (f"I want the {colour} {shape}. " + (f"It is a {colour} {seen_shape} with the character {glyph}: "
-                                                     f"{seen_shape} {same}" if readable else "I cannot make it out here: not it."))
-    if style == "compare":
-        want = f"I want the {colour} {shape}:"
-        if not readable:
-            return f"I cannot make it out here. {want} not it."
-        return f"It is a {colour} {seen_shape} with the character {glyph}. {want} {seen_shape} {same}"
-    if not readable:
-        return f"I cannot make it out here, not the {colour} {shape}."
-    seen = f"It is a {colour} {seen_shape} with the character {glyph}"
-    if seen_shape == shape:
-        return f"{seen}. This is the {colour} {shape}."
-    return f"{seen}, not the {colour} {shape}."
+    if not (seen_shape and glyph):
+        return _sentence(colour, shape, "I cannot make it out here", "not it.", style)
+    same = seen_shape == shape
+    return _sentence(colour, shape, f"It is a {colour} {seen_shape} with the character {glyph}",
+                     f"{seen_shape} is the same." if same else f"{seen_shape} is not {shape}.", style, same)
 
 
 def look_verdict(colour: str, shape: str, seen: tuple[str, str, str] | None, style: str = "ledger") -> str:
@@ -80,16 +81,11 @@ def look_verdict(colour: str, shape: str, seen: tuple[str, str, str] | None, sty
     the red square: blue is not red."); one of the asked colour gets `verdict`."""
     if seen is not None and seen[0] == colour:
         return verdict(colour, shape, seen[1], seen[2], style)
-    if style == "goal":
-        return f"I want the {colour} {shape}. " + (f"There is no {colour} object here: not it." if seen is None else
-                                                    f"It is a {seen[0]} {seen[1]} with the character {seen[2]}: "
-                                                    f"{seen[0]} is not {colour}.")
-    if style == "compare":
-        want = f"I want the {colour} {shape}:"
-        return (f"There is no {colour} object here. {want} not it." if seen is None else
-                f"It is a {seen[0]} {seen[1]} with the character {seen[2]}. {want} {seen[0]} is not {colour}.")
-    return (f"There is no {colour} object here." if seen is None else
-            f"It is a {seen[0]} {seen[1]} with the character {seen[2]}, not the {colour} {shape}.")
+    if seen is None:
+        none = f"There is no {colour} object here"
+        return f"{none}." if style == "ledger" else _sentence(colour, shape, none, "not it.", style)
+    return _sentence(colour, shape, f"It is a {seen[0]} {seen[1]} with the character {seen[2]}",
+                     f"{seen[0]} is not {colour}.", style)
 
 
 def fmt_box(box: list[float]) -> str:

@@ -86,9 +86,9 @@ def look_drills(rng: np.random.Generator, style: str = "ledger") -> list[tuple[I
     lookalikes = [o for o in placed[1:] if o["colour"] == colour]
     others = [o for o in placed if o["colour"] != colour]
     empty = sorted(set(range(GRID * GRID)) - {o["cell"] for o in placed})
+    chosen = [(o["cell"], o) for o in (target, pick(lookalikes), pick(others))] + [(pick(empty), None)]
     out = []
-    for cell in (target["cell"], pick(lookalikes)["cell"], pick(others)["cell"], pick(empty)):
-        o = next((p for p in placed if p["cell"] == cell), None)
+    for cell, o in chosen:
         seen = None if o is None else (o["colour"], o["shape"], o["glyph"])
         crop = img.crop(tuple(int(v * size) for v in cell_box(cell)))
         out.append((crop, ask(f"Is this the {colour} {shape}?"), look_verdict(colour, shape, seen, style)))

@@ -105,8 +105,8 @@ class TokenChooser:
     """Each row's next token from its logits, on the logits' device: processor-only ids get a -inf
     bias (never chosen), then greedy or temperature/top-p sampling from one seeded generator; a
     scripted (forced) token overrides the choice. The log-probability returned is that of the full
-    distribution sampled from: at the temperature (before top-p), at temperature 1 when greedy. `choose` reads nothing back to the host; `__call__` is the one
-    read per step the engine makes."""
+    distribution sampled from: at the temperature (before top-p), at temperature 1 when greedy.
+    `choose` reads nothing back to the host; `__call__` is the one read per step the engine makes."""
 
     def __init__(self, banned: torch.Tensor, settings: Settings):
         self.banned, self.s = banned, settings
