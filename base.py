@@ -32,10 +32,10 @@ from PIL import Image, ImageDraw
 from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, fmt_box, render, verdict
 from data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
 from infer import Engine, Sample, Settings
-from make_probe import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
-                        cell_box, draw_object, probe_sample, scene)
 from model import collate, pick_device, seed_everything, start_run
 from sft import add_training_args, drill_accuracy, drill_batch, read_held_out, sft_loss, spread, train
+from world import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
+                   cell_box, draw_object, probe_sample, scene)
 
 # ----------------------------------------------------------------------------------------------
 # The tasks: each sample is (image, question, answer text) rendered like the later stages render a turn

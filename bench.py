@@ -18,16 +18,16 @@ import time
 import numpy as np
 import torch
 
-import make_probe
 from common import IM_END, encode_chunk, image_token_count, prompt_text
 from infer import Engine, Sample, Settings
 from model import build_tiny
+import world
 
 QUESTION = "<image>\nWhat is the character printed on the red triangle?"
 
 
 def _images(n, seed=0):
-    return [make_probe.probe_sample(np.random.default_rng([seed, i]), "medium")[0] for i in range(n)]
+    return [world.probe_sample(np.random.default_rng([seed, i]), "medium")[0] for i in range(n)]
 
 
 def _sync(device):

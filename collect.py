@@ -30,91 +30,11 @@ from common import (Episode, IMAGE, IM_END, IM_START, ROOT, TINY_BUDGET, fmt_box
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, SHARE, load_image,
                   main_cli, read_records, turn_text, write_jsonl)
 from infer import Engine, Sample, Settings
-from make_probe import COLOURS, FONT, GRID, SHAPES, cell_box, probe_sample
 from model import load, pick_device, resolve_checkpoint
 from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
 import sharegpt
-
-# ----------------------------------------------------------------------------------------------
-# The explorer's eyes: plain pixel rules on the images it is shown.
-# ----------------------------------------------------------------------------------------------
-INK = {"white": lambda a: (a.min(-1) > 190), "black": lambda a: (a.max(-1) < 90)}
-
-
-def colour_mask(arr: np.ndarray, colour: str, tol: int = 90) -> np.ndarray:
-    return np.abs(arr.astype(int) - np.array(COLOURS[colour])).sum(-1) < tol
-
-
-def blobs_by_cell(arr: np.ndarray, colour: str, min_pixels: int = 8, grid: int = GRID) -> dict:
-    """Cells of a grid x grid split of the image (row-major index) that hold a blob of `colour`."""
-    mask = colour_mask(arr, colour)
-    h, w = mask.shape
-    out = {}
-    for cell in range(grid * grid):
-        r, c = divmod(cell, grid)
-        sub = mask[r * h // grid:(r + 1) * h // grid, c * w // grid:(c + 1) * w // grid]
-        if sub.sum() >= min_pixels:
-            out[cell] = sub
-    return out
-
-
-def shape_of(mask: np.ndarray) -> str | None:
-    """circle / square / triangle / diamond from the widths of the blob at 1/4, 1/2, 3/4 height
-    (the glyph's ink inside the shape does not matter: only the outermost pixels count)."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) < 8 or ys.max() - ys.min() < 6:
-        return None
-    y0, y1 = ys.min(), ys.max()
-    row = lambda f: ys == round(y0 + f * (y1 - y0))
-    width = lambda f: np.ptp(xs[row(f)]) + 1 if row(f).any() else 0
-    full = max(np.ptp(xs) + 1, 1)
-    w = np.array([width(0.2), width(0.5), width(0.8)]) / full
-    profiles = {"square": (1, 1, 1), "circle": (0.8, 1, 0.8), "triangle": (0.3, 0.55, 0.85),
-                "diamond": (0.45, 0.95, 0.45)}
-    return min(profiles, key=lambda s: np.abs(w - np.array(profiles[s])).sum())
-
-
-def read_glyph(arr: np.ndarray, mask: np.ndarray, colour: str) -> str | None:
-    """Read the character printed on the object in `mask` by matching the 5 x 7 templates."""
-    ys, xs = np.nonzero(mask)
-    inside = np.zeros_like(mask)   # the shape's interior, away from its (resampled) edges
-    for y in range(ys.min() + 2, ys.max() - 1):
-        row = xs[ys == y]
-        if len(row):
-            inside[y, row.min() + 2:row.max() - 1] = True
-    ink = INK["black" if colour == "yellow" else "white"](arr) & inside
-    ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    iy, ix = np.nonzero(ink)
-    if len(iy) < 6:
-        return None
-    top, bottom, left = iy.min(), iy.max() + 1, ix.min()
-    dot = (bottom - top) / 7
-    best, best_d = None, 99
-    for ch, rows in FONT.items():
-        bits = np.array([[b == "1" for b in row] for row in rows.split()])
-        c0 = np.nonzero(bits.any(0))[0][0]
-        yy = (top + (np.arange(7) + 0.5) * dot).astype(int).clip(0, ink.shape[0] - 1)
-        xx = (left + (np.arange(5) - c0 + 0.5) * dot).astype(int).clip(0, ink.shape[1] - 1)
-        d = int((ink[yy][:, xx] != bits).sum())
-        if d < best_d:
-            best, best_d = ch, d
-    return best if best_d <= 6 else None
-
-
-def biggest_object(arr: np.ndarray, colour: str) -> np.ndarray | None:
-    """The mask of the largest blob of `colour` in a crop, holes filled row by row."""
-    mask = colour_mask(arr, colour)
-    if mask.sum() < 20:
-        return None
-    ys, xs = np.nonzero(mask)
-    # keep the densest region: the bounding box of pixels near the median position
-    cy, cx = np.median(ys), np.median(xs)
-    size = max(np.percentile(np.abs(ys - cy), 95), np.percentile(np.abs(xs - cx), 95)) * 1.3 + 2
-    near = (np.abs(ys - cy) <= size) & (np.abs(xs - cx) <= size)
-    out = np.zeros_like(mask)
-    out[ys[near], xs[near]] = True
-    return out
-
+from world import (COLOURS, GRID, SHAPES, biggest_object, blobs_by_cell, cell_box, describe_any, probe_sample,
+                   read_glyph, shape_of)
 
 # ----------------------------------------------------------------------------------------------
 # The explorer: plays one episode through an Episode, writing its reasoning as it goes.
@@ -149,19 +69,25 @@ def said(thought: str, action: str) -> str:
 # "chain-compare": the chain's steps with the compare style's verdicts. "chain-goal": the chain's
 # steps with the goal style's ("I want the green circle. It is a green triangle with the character
 # 8: triangle is not circle."): each turn after a crop opens by naming the asked object again.
-STYLES = ("ledger", "plain", "compare", "backward", "chain", "chain-compare", "chain-goal")
+# "index-goal": the opening list numbers its boxes ("(1) [a], (2) [b], ..."), and after a miss the
+# thought names the next number and its box ("Next: (3) [c]."): the number is the previous turn's
+# plus one, and the box is what follows that number in the list, a copy keyed on three short
+# tokens that occur once, where the chain's key is a whole box; the goal style's verdicts.
+STYLES = ("ledger", "plain", "compare", "backward", "chain", "chain-compare", "chain-goal", "index-goal")
 VERDICT_STYLE = {"ledger": "ledger", "plain": "ledger", "compare": "compare", "backward": "ledger", "chain": "ledger",
-                 "chain-compare": "compare", "chain-goal": "goal"}
+                 "chain-compare": "compare", "chain-goal": "goal", "index-goal": "goal"}
 
 
 def found(colour: str, shape: str, glyph: str, style: str = "ledger") -> str:
     return said(verdict(colour, shape, shape, glyph, VERDICT_STYLE[style]), f"<answer>{glyph}</answer>")
 
 
-def step_text(style: str, left: list[list[float]], checked: list[float] | None) -> str:
-    """How a thought after a miss names the next box (see STYLES)."""
+def step_text(style: str, left: list[list[float]], checked: list[float] | None, number: int = 0) -> str:
+    """How a thought after a miss names the next box (see STYLES); `number`: its place in the
+    opening list, from 1 (the index style)."""
     nxt = left[-1] if style == "backward" else left[0]
     return ("I check the next one." if style == "plain"
+            else f"Next: ({number}) {fmt_box(nxt)}." if style.startswith("index")
             else f"Next in the list: {fmt_box(checked)}, {fmt_box(nxt)}." if style.startswith("chain")
             else "Left to check: " + ", ".join(fmt_box(b) for b in left) + ".")
 
@@ -186,16 +112,6 @@ def slip(cell: int, avoid: set[int], rng: random.Random) -> int | None:
     near = [(r + dr) * GRID + c + dc for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))
             if 0 <= r + dr < GRID and 0 <= c + dc < GRID and (r + dr) * GRID + c + dc not in avoid]
     return rng.choice(near) if near else None
-
-
-def describe_any(arr: np.ndarray) -> tuple[str, str, str] | None:
-    """(colour, shape, character) of the largest readable object of any colour in a crop, or None."""
-    objs = [(c, m) for c in COLOURS if (m := biggest_object(arr, c)) is not None]
-    if not objs:
-        return None
-    colour, mask = max(objs, key=lambda o: o[1].sum())
-    shape, glyph = shape_of(mask), read_glyph(arr, mask, colour)
-    return (colour, shape, glyph) if shape and glyph else None
 
 
 def recovered(colour: str, shape: str, seen: tuple[str, str, str] | None, style: str, step: str,
@@ -245,7 +161,8 @@ def explore(image: Image.Image, problem: str, budget, rng: random.Random, max_tu
             turns = [said(thought, zoom_text(box)), found(colour, shape, glyph, style)]
             return {"turns": turns, "answer": glyph, "pattern": "direct"}
         ep = Episode(image, budget)   # fall back to checking every candidate
-    listing = ", ".join(fmt_box(cell_box(c)) for c in cells)
+    number = (lambda k: f"({k + 1}) ") if style.startswith("index") else (lambda k: "")
+    listing = ", ".join(number(k) + fmt_box(cell_box(c)) for k, c in enumerate(cells))
     intro = f"I am looking for the {colour} {shape}. The {colour} objects: {listing}."
     if depth_first and len(cells) >= 4 and rng.random() < depth_first:
         return _depth_first(cells, colour, shape, intro, max_turns, check, look, style)
@@ -263,7 +180,9 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
     backward = style == "backward"
     more = ("" if len(cells) == 1 or backward
             else f" They look alike from here, so I check the {colour} objects: {fmt_box(cell_box(cells[0]))}."
-            if style.startswith("chain") else " They look alike from here, so I check them one by one.")
+            if style.startswith("chain")
+            else f" They look alike from here, so I check them in order: (1) {fmt_box(cell_box(cells[0]))}."
+            if style.startswith("index") else " They look alike from here, so I check them one by one.")
     order = cells[::-1] if backward else cells
     turns = [said(intro + more, zoom_text(cell_box(order[0])))]
     for i, cell in enumerate(order):
@@ -276,7 +195,8 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
             return {"turns": turns, "answer": glyph, "pattern": "trial_and_error"}
         if i + 1 < len(cells):
             left = cells[: len(cells) - 1 - i] if backward else cells[i + 1:]
-            step, nxt = step_text(style, [cell_box(c) for c in left], cell_box(cell)), cell_box(order[i + 1])
+            step = step_text(style, [cell_box(c) for c in left], cell_box(cell), i + 2)
+            nxt = cell_box(order[i + 1])
             wrong = slip_to(order[i + 1]) if slip_to else None
             turns.append(missed(colour, shape, got_shape, glyph, style, step, wrong or nxt))
             if wrong:   # a slip: no loss on the turn that made it, then the recovery (see `slip`)

@@ -176,6 +176,18 @@ def read_records(path: str | os.PathLike, need=QUESTION_FIELDS, images: bool = T
     return rows
 
 
+def select_levels(rows: list[dict], levels: list[str] | None, path) -> list[dict]:
+    """The records whose "difficulty" is one of `levels` (all of them when `levels` is None); an
+    InputError names the file and the levels it has when none is left."""
+    if not levels:
+        return rows
+    kept = [r for r in rows if r.get("difficulty") in levels]
+    if not kept:
+        have = sorted({str(r.get("difficulty")) for r in rows})
+        raise InputError(f"{path}: no record has a difficulty in {', '.join(levels)} (it has: {', '.join(have)})")
+    return kept
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: JSONL with line-numbered errors; everything written to a temporary name, then renamed.
 # ----------------------------------------------------------------------------------------------

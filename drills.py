@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from common import QUESTION, WORDS, fmt_box, look_verdict, observation_text, tool_turn_text, verdict, zoom_text
-from make_probe import GRID, LEVELS, ask, cell_box, probe_sample
+from world import GRID, LEVELS, ask, cell_box, probe_sample
 
 
 def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str, str, str]:

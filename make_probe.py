@@ -5,12 +5,8 @@
     python make_probe.py --from vstar DIR --out data/vstar
     python make_probe.py --from hrbench FILE.tsv --out data/hr4k
 
-A probe image is a large canvas (768-1536 px) with a faint colour gradient, clutter, and objects
-(coloured circles, squares, triangles, diamonds), each carrying a character. The question asks for
-the character on one of them ("the red triangle"); the look-alikes share its colour, so in the
-overview they are blobs of the same colour and only a zoom tells the shapes and the characters
-apart. The objects sit one per cell of an 8 x 8 grid (one overview token each at the default
-budget), jittered within the cell.
+The pictures and questions are drawn by `world.py` (the library); this stage writes splits of
+them (each sample a pure function of seed, split and index) and converts the real benchmarks.
 """
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ import argparse
 import base64
 import io
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -26,165 +21,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from common import QUESTION, TINY_BUDGET, WORDS, Budget
 from data import InputError, NONNEGATIVE, atomic_path, main_cli, write_jsonl
-
-GRID = 8
-COLOURS = {"red": (214, 40, 40), "green": (36, 150, 60), "blue": (40, 80, 214), "yellow": (236, 196, 24)}
-SHAPES = WORDS["shapes"]
-GLYPHS = WORDS["glyphs"]
-# A 5 x 7 bitmap font: crisp at any integer scale, the same bytes on every machine.
-FONT = {
-    "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
-    "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11110 00001 00001 01110 00001 00001 11110",
-    "4": "00010 00110 01010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 00001 10001 01110",
-    "6": "00110 01000 10000 11110 10001 10001 01110", "7": "11111 00001 00010 00100 01000 01000 01000",
-    "8": "01110 10001 10001 01110 10001 10001 01110", "9": "01110 10001 10001 01111 00001 00010 01100",
-    "A": "01110 10001 10001 11111 10001 10001 10001", "E": "11111 10000 10000 11110 10000 10000 11111",
-    "H": "10001 10001 10001 11111 10001 10001 10001", "K": "10001 10010 10100 11000 10100 10010 10001",
-    "P": "11110 10001 10001 11110 10000 10000 10000", "X": "10001 10001 01010 00100 01010 10001 10001",
-}
-# Difficulty knobs: canvas size, object size (px), look-alikes (same colour, other shape) and
-# other distractor objects (ranges, inclusive), clutter marks.
-LEVELS = {
-    "easy":   dict(size=1024, obj=64, lookalikes=(1, 2), distractors=(5, 8),   clutter=100),
-    "medium": dict(size=1024, obj=56, lookalikes=(3, 5), distractors=(8, 12),  clutter=130),
-    "hard":   dict(size=1536, obj=56, lookalikes=(6, 9), distractors=(12, 18), clutter=260),
-}
-DOT = 4   # one dot of the 5 x 7 glyph, in image pixels: under one pixel in any overview
-
-
-def ask(question: str) -> str:
-    """A synthetic problem: the question, then the image. (VisualProbe puts the image first; the
-    protocol places it wherever "<image>" is.) With the question first, causal attention lets the
-    image tokens see what is asked, which a model this small needs to pick out one colour."""
-    return question + "\n<image>"
-
-
-BUDGET = TINY_BUDGET   # the tiny default; used for the stats table
-_GRADIENTS: dict[int, np.ndarray] = {}
-
-
-def background(size: int) -> np.ndarray:
-    """A faint gradient (red rises left to right, blue top to bottom): every place looks a bit
-    different, which gives a small vision tower a cue of absolute position."""
-    if size not in _GRADIENTS:
-        ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
-        img = np.empty((size, size, 3), np.float32)
-        img[..., 0] = 150 + 80 * ramp[None, :]
-        img[..., 1] = 170 + 10 * (ramp[None, :] + ramp[:, None])
-        img[..., 2] = 150 + 80 * ramp[:, None]
-        _GRADIENTS[size] = img.round().astype(np.uint8)
-    return _GRADIENTS[size]
-
-
-def draw_glyph(draw: ImageDraw.ImageDraw, char: str, cx: float, cy: float, scale: int, fill):
-    rows = FONT[char].split()
-    x0, y0 = round(cx - 2.5 * scale), round(cy - 3.5 * scale)
-    for r, row in enumerate(rows):
-        for c, bit in enumerate(row):
-            if bit == "1":
-                draw.rectangle([x0 + c * scale, y0 + r * scale, x0 + (c + 1) * scale - 1,
-                                y0 + (r + 1) * scale - 1], fill=fill)
-
-
-def draw_object(draw: ImageDraw.ImageDraw, obj: dict):
-    x0, y0, x1, y1 = obj["box"]
-    colour = COLOURS[obj["colour"]]
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if obj["shape"] == "circle":
-        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
-    elif obj["shape"] == "square":
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
-    elif obj["shape"] == "triangle":
-        draw.polygon([(cx, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
-        cy = y0 + 0.64 * (y1 - y0)   # the glyph sits in the wide part
-    else:  # diamond
-        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=colour)
-    scale = DOT
-    ink = (20, 20, 20) if obj["colour"] == "yellow" else (250, 250, 250)
-    draw_glyph(draw, obj["glyph"], cx, cy, scale, ink)
-
-
-def cell_box(cell: int) -> list[float]:
-    """Relative box of one grid cell (row-major index)."""
-    r, c = divmod(cell, GRID)
-    return [c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID]
-
-
-def scene(rng: np.random.Generator, size: int, obj: int, objects: list[tuple[str, str]], clutter: int):
-    """Draw a scene: `objects` is a list of (colour, shape); each gets a random cell and glyph.
-    Returns the image and the objects with their pixel boxes, cells and glyphs."""
-    img = Image.fromarray(background(size).copy())
-    draw = ImageDraw.Draw(img)
-    cell_px = size / GRID
-    for _ in range(clutter):   # muted marks: lines, dots and frames, never an object's colour
-        x, y = rng.uniform(0, size, 2)
-        tone = tuple(int(v) for v in rng.integers(70, 190, 3))
-        kind = rng.integers(3)
-        if kind == 0:
-            a = rng.uniform(0, 2 * math.pi)
-            ln = rng.uniform(0.2, 0.8) * obj
-            width = int(rng.integers(1, 3))
-            draw.line([x, y, x + ln * math.cos(a), y + ln * math.sin(a)], fill=tone, width=width)
-        elif kind == 1:
-            r = rng.uniform(1.5, 0.08 * obj)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tone)
-        else:
-            w = rng.uniform(0.2, 0.5) * obj
-            draw.rectangle([x, y, x + w, y + 0.6 * w], outline=tone)
-    cells = rng.choice(GRID * GRID, size=len(objects), replace=False)
-    placed = []
-    margin = max(2, int(0.06 * cell_px))
-    for (colour, shape), cell in zip(objects, cells):
-        r, c = divmod(int(cell), GRID)
-        slack = int(cell_px - obj - 2 * margin)
-        x0 = int(c * cell_px) + margin + int(rng.integers(0, slack + 1))
-        y0 = int(r * cell_px) + margin + int(rng.integers(0, slack + 1))
-        o = {"colour": colour, "shape": shape, "glyph": str(rng.choice(GLYPHS)), "cell": int(cell),
-             "box": [x0, y0, x0 + obj, y0 + obj]}
-        draw_object(draw, o)
-        placed.append(o)
-    return img, placed
-
-
-def probe_sample(rng: np.random.Generator, level: str):
-    """One visual-search question: (image, record fields, objects). objects[0] is the target."""
-    k = LEVELS[level]
-    colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-    n_look = int(rng.integers(k["lookalikes"][0], k["lookalikes"][1] + 1))
-    n_dis = int(rng.integers(k["distractors"][0], k["distractors"][1] + 1))
-    others = [s for s in SHAPES if s != shape]
-    objects = [(colour, shape)] + [(colour, str(rng.choice(others))) for _ in range(n_look)]
-    other_colours = [c for c in COLOURS if c != colour]
-    objects += [(str(rng.choice(other_colours)), str(rng.choice(SHAPES))) for _ in range(n_dis)]
-    img, placed = scene(rng, k["size"], k["obj"], objects, k["clutter"])
-    fields = {"problem": ask(QUESTION.format(colour=colour, shape=shape)),
-              "solution": placed[0]["glyph"], "difficulty": level, "target_bbox": placed[0]["box"],
-              "n_lookalikes": n_look, "n_distractors": n_dis}
-    return img, fields, placed
-
-
-def level_stats(level: str, budget: Budget = BUDGET) -> dict:
-    """Pixel sizes that decide readability: the target and its glyph in the overview and in a
-    one-cell crop, at the given budget."""
-    k = LEVELS[level]
-    over = budget.size(k["size"], k["size"])[0] / k["size"]
-    cell = k["size"] // GRID
-    crop = budget.size(cell, cell)[0] / cell
-    dot = DOT
-    return {"image": k["size"], "object": k["obj"], "object_overview": k["obj"] * over,
-            "glyph_overview": 7 * dot * over, "glyph_crop": 7 * dot * crop, "dot_overview": dot * over,
-            "dot_crop": dot * crop, "crop_side": budget.size(cell, cell)[0]}
+from world import LEVELS, SPLIT_IDS, level_stats, probe_sample
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing splits.
 # ----------------------------------------------------------------------------------------------
-SPLIT_IDS = {"train": 1, "test": 2, "base_train": 3, "base_test": 4}
-
 
 def write_probe(out: Path, n_train: int, n_test: int, seed: int, workers: int = 1) -> dict:
     """Both splits, each sample a pure function of (seed, split, index), so `workers` processes

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from common import grade
 import parallel
 from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, load_image, main_cli,
-                  read_records)
+                  read_records, select_levels)
 from eval import judge
 from infer import Engine, Sample, Settings
 from model import check_finite, collate, load, resolve_checkpoint, seed_everything, start_run, token_logprobs
@@ -251,6 +251,8 @@ def parse_args(argv=None):
     io.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log: <out>_log.jsonl")
+    io.add_argument("--levels", type=lambda s: [w for w in s.split(",") if w],
+                    help="train only on these difficulties, e.g. hard or medium,hard (all by default)")
     io.add_argument("--save-every", type=POSITIVE, default=5)
     io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     io.add_argument("--overwrite", action="store_true", help="replace a run that is already in --out")
@@ -301,7 +303,7 @@ def rollout_model(model, args, world: World):
 def start(args, out: Path, world: World):
     """The trainer's model (FSDP2 under torchrun), its optimizer, the rollout engine on its own
     weights, the question stream (this rank's share) and the step to start from."""
-    rows = read_records(args.data)                 # every input is checked before any work
+    rows = select_levels(read_records(args.data), args.levels, args.data)   # checked before any work
     if args.judge:
         resolve_checkpoint(args.judge)
     seed_everything(args.seed)

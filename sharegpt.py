@@ -9,6 +9,10 @@ uses: a JSON list of {"conversations": [{"from": "system"|"human"|"gpt", "value"
     work (a `conversations` field kept as text, as in the raw dataset, is parsed, never evaluated); `tokens(record, processor)` renders one into ids and a loss mask exactly as
     common.render renders the same trajectory: the assistant's text is trained, and the
     <|im_end|> that closes a turn stopped at </grounding> is not (the environment writes it).
+  * A turn replayed without a loss (collect.py's slips, {"text", "learn": false} in our records)
+    is written as a gpt message with "loss": false, which `tokens` honours. LLaMA-Factory as
+    released ignores that key and trains every gpt message (per-message loss is an open proposal
+    there), so `export` says how many such turns a file holds.
 """
 from __future__ import annotations
 
@@ -27,13 +31,18 @@ from protocol import DEFAULT, IMAGE, Protocol, neutralise
 TAG = "<image>"   # LLaMA-Factory's image placeholder in a message
 
 
-def _conversation(image, problem: str, turns: list[str], budget, protocol: Protocol):
+def _unlearned(turn) -> bool:
+    return isinstance(turn, dict) and not turn.get("learn", True)
+
+
+def _conversation(image, problem: str, turns: list, budget, protocol: Protocol):
     """The messages of one trajectory and its images at full resolution (the original first)."""
     ep = Episode(image, budget, protocol)
     question = problem if TAG in problem else TAG + "\n" + problem
     msgs = [{"from": "system", "value": protocol.system}, {"from": "human", "value": question}]
-    for i, text in enumerate(turns):
-        msgs.append({"from": "gpt", "value": text})
+    for i, turn in enumerate(turns):
+        text = turn_text(turn)
+        msgs.append({"from": "gpt", "value": text, **({"loss": False} if _unlearned(turn) else {})})
         if i == len(turns) - 1:
             break
         action = ep.parse(text)
@@ -50,11 +59,11 @@ def export(rows: list[dict], out: str | os.PathLike, budget, protocol: Protocol 
     out = Path(out)
     folder = out.parent / (out.stem + "_images")
     folder.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, unlearned = [], 0
     for k, row in enumerate(tqdm(rows, desc="sharegpt", dynamic_ncols=True, leave=False)):
-        turns = [turn_text(t) for t in row["turns"]]
+        unlearned += sum(_unlearned(t) for t in row["turns"])
         try:
-            msgs, images = _conversation(load_image(row, row.get("_root", ".")), row["problem"], turns,
+            msgs, images = _conversation(load_image(row, row.get("_root", ".")), row["problem"], row["turns"],
                                          budget, protocol)
         except InputError as e:
             raise InputError(f"record {row.get('doc_id', k)}: {e}") from None
@@ -69,6 +78,9 @@ def export(rows: list[dict], out: str | os.PathLike, budget, protocol: Protocol 
                         **{key: row[key] for key in ("doc_id", "solution") if key in row}})
     with atomic_path(out) as tmp:       # the JSON last: it never names an image not yet written
         tmp.write_text(json.dumps(records, indent=1))
+    if unlearned:
+        print(f"{out}: {unlearned} turns written with \"loss\": false (replayed without a loss here; "
+              "LLaMA-Factory as released trains on them)")
     return len(records)
 
 
@@ -111,6 +123,8 @@ def _check_record(rec, root: Path) -> str | None:
         if not isinstance(m, dict) or m.get("from") not in ("system", "human", "gpt") \
                 or not isinstance(m.get("value"), str):
             return f"conversations[{j}] must be {{'from': system|human|gpt, 'value': text}}"
+        if not isinstance(m.get("loss", True), bool):
+            return f"conversations[{j}]: 'loss' must be true or false"
         roles.append(m["from"])
     body = roles[1:] if roles[0] == "system" else roles
     if not body or body[-1] != "gpt" or any(r != ("human" if i % 2 == 0 else "gpt") for i, r in enumerate(body)):
@@ -178,7 +192,7 @@ def tokens(rec: dict, processor, max_tokens: int | None = None) -> dict:
         if j == len(msgs) - 1:
             piece += [tok.convert_tokens_to_ids(IM_END)]
         ids += piece
-        mask += [True] * len(piece)
+        mask += [msgs[j].get("loss", True)] * len(piece)
         if j + 1 < len(msgs):
             user = _user(msgs[j + 1]["value"])
             k = user.count(IMAGE)

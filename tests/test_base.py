@@ -2,23 +2,23 @@
 import numpy as np
 import pytest
 
-import make_probe
 from base import base_sample, score_base
 import common
 from common import PLAIN_SYSTEM_PROMPT
 from infer import Engine, Sample
 from model import TINY_BASE, load
+import world
 
 
 def _run(task, n, seed):
     model, proc = load("tiny-base")
     rows, samples = [], []
     for i in range(n):
-        level = list(make_probe.LEVELS)[i % 3]
+        level = list(world.LEVELS)[i % 3]
         img, q, a, meta = base_sample(np.random.default_rng([seed, i]), task, proc.budget, level)
         meta.pop("tokens")
         rows.append({"task": task, "solution": a, **meta})
-        samples.append(Sample(img, make_probe.ask(q), system=PLAIN_SYSTEM_PROMPT))
+        samples.append(Sample(img, world.ask(q), system=PLAIN_SYSTEM_PROMPT))
     out = Engine(model, proc).run(samples, max_turns=1, greedy=True, max_turn_tokens=120, progress=False)
     return [score_base(r, t.turn_texts[0].replace("<|im_end|>", "")) for r, t in zip(rows, out)]
 

@@ -7,9 +7,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import decoder
-import make_probe
 from common import encode_chunk
 from infer import Engine, Sample, Settings, TokenChooser
+import world
 
 ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "original_image"}}</grounding>'
 
@@ -69,7 +69,7 @@ def _no_host_reads(monkeypatch):
 
 def test_a_decode_step_and_its_sampling_read_nothing_back(tiny, monkeypatch):
     model, proc = tiny
-    img, fields, _ = make_probe.probe_sample(np.random.default_rng(1), "medium")
+    img, fields, _ = world.probe_sample(np.random.default_rng(1), "medium")
     eng = Engine(model, proc, max_batch=3)
     prompt = encode_chunk(proc.tokenizer, "<think>a</think>")
     dec = eng.decoder
@@ -113,7 +113,7 @@ def test_the_flash_branch_equals_sdpa_through_the_reference(tiny, monkeypatch):
     model, proc = tiny
     tok = proc.tokenizer
     monkeypatch.setattr(decoder, "flash_attn_with_kvcache", flash_reference)
-    scenes = [make_probe.probe_sample(np.random.default_rng(s), "medium") for s in (1, 2, 3)]
+    scenes = [world.probe_sample(np.random.default_rng(s), "medium") for s in (1, 2, 3)]
     zoom = lambda box: encode_chunk(tok, ZOOM.format(box=box))
     samples = lambda: [Sample(scenes[0][0], scenes[0][1]["problem"], forced=[zoom("[0.0, 0.0, 0.5, 0.5]")]),
                        Sample(scenes[1][0], scenes[1][1]["problem"]),
@@ -147,7 +147,7 @@ def test_decode_windows_give_the_eager_engines_trajectories():
     from model import load
     model, proc = load("tiny-base")
     tok = proc.tokenizer
-    scenes = [make_probe.probe_sample(np.random.default_rng([9, i]), lvl) for i, lvl in
+    scenes = [world.probe_sample(np.random.default_rng([9, i]), lvl) for i, lvl in
               enumerate(["easy", "medium", "hard", "medium", "easy"])]
     zoom = lambda box: encode_chunk(tok, "<think>Look closer.</think>\n" + ZOOM.format(box=box))
     scripts = [[zoom("[0.0, 0.0, 0.5, 0.5]")], None, [zoom("[0.5, 0.0, 1.0, 0.5]"), zoom("[0.25, 0.25, 0.5, 0.5]")],

@@ -2,17 +2,17 @@
 import numpy as np
 import torch
 
-import make_probe
 from common import (IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, render,
                     tool_turn_text)
 from infer import BANNED_TOKENS, Engine, Sample
 from model import collate
+import world
 
 ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
 
 
 def _scene(seed, level="medium"):
-    img, fields, _ = make_probe.probe_sample(np.random.default_rng(seed), level)
+    img, fields, _ = world.probe_sample(np.random.default_rng(seed), level)
     return img, fields["problem"]
 
 

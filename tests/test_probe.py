@@ -9,6 +9,7 @@ from PIL import Image
 
 import base
 import make_probe
+import world
 from data import read_jsonl
 
 
@@ -39,21 +40,21 @@ def test_same_seed_same_bytes_and_disjoint_splits(tmp_path, probe_dir):
 def test_records_have_visualprobe_fields_and_the_target_is_where_it_says(probe_dir):
     for r in read_jsonl(probe_dir / "test.jsonl"):
         assert {"images", "problem", "solution", "data_source", "doc_id", "difficulty", "target_bbox"} <= set(r)
-        assert r["problem"].endswith("?\n<image>") and r["solution"] in make_probe.GLYPHS
+        assert r["problem"].endswith("?\n<image>") and r["solution"] in world.GLYPHS
         img = Image.open(probe_dir / r["images"][0]).convert("RGB")
-        assert img.size[0] == make_probe.LEVELS[r["difficulty"]]["size"]
+        assert img.size[0] == world.LEVELS[r["difficulty"]]["size"]
         x0, y0, x1, y1 = r["target_bbox"]
         colour = r["problem"].split("on the ")[1].split()[0]
         patch = np.asarray(img.crop((x0, y0, x1, y1))).reshape(-1, 3)
-        close = (np.abs(patch.astype(int) - make_probe.COLOURS[colour]).sum(1) < 30).mean()
+        close = (np.abs(patch.astype(int) - world.COLOURS[colour]).sum(1) < 30).mean()
         assert close > 0.3, close   # the target's colour fills its box
 
 
 def test_difficulty_knobs_and_readability():
-    hard = make_probe.level_stats("hard")
-    easy = make_probe.level_stats("easy")
-    assert make_probe.LEVELS["hard"]["lookalikes"][0] >= 6
-    for s in (easy, make_probe.level_stats("medium"), hard):
+    hard = world.level_stats("hard")
+    easy = world.level_stats("easy")
+    assert world.LEVELS["hard"]["lookalikes"][0] >= 6
+    for s in (easy, world.level_stats("medium"), hard):
         # a glyph's dot is under one pixel in the overview (unreadable), three or more in a crop
         assert s["dot_overview"] < 1.0 and s["dot_crop"] >= 3.0 and s["glyph_crop"] >= 21
     assert hard["object_overview"] < easy["object_overview"]
@@ -75,7 +76,7 @@ def test_base_samples_answer_what_is_drawn():
     w = img.width
     patch = np.asarray(img.crop([int(v * w) for v in box])).reshape(-1, 3).astype(int)
     colour = q.split("the ")[1].split()[0]
-    assert (np.abs(patch - make_probe.COLOURS[colour]).sum(1) < 40).any()
+    assert (np.abs(patch - world.COLOURS[colour]).sum(1) < 40).any()
 
 
 # --- converters ------------------------------------------------------------------------------

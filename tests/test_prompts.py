@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import make_probe
 import protocol as P
 import sharegpt
 from common import IM_END, IM_START, Budget, encode_chunk, grade, render
 from data import InputError
 from infer import Engine, Sample, Settings
+import world
 
 SYS = "Fixture system prompt: search, zoom with <grounding>{\"bbox_2d\": [..], \"source\": ..}</grounding>."
 OBS = ("Fixture: after Action {action_turn} comes Observation {observation_turn}:\n"
@@ -79,7 +79,7 @@ def test_prompt_files_are_checked(tmp_path):
 
 
 def _scene(seed=1, level="medium"):
-    img, fields, _ = make_probe.probe_sample(np.random.default_rng(seed), level)
+    img, fields, _ = world.probe_sample(np.random.default_rng(seed), level)
     return img, fields["problem"]
 
 
@@ -208,17 +208,22 @@ def _trajectory_row(probe_dir):
 def test_sharegpt_round_trip_gives_the_same_tokens_and_mask(tiny, probe_dir, tmp_path):
     _, proc = tiny
     row = _trajectory_row(probe_dir)
+    row["turns"][1] = {"text": row["turns"][1], "learn": False}     # a slip: replayed, not trained
     out = tmp_path / "cs" / "coldstart.json"
     out.parent.mkdir()
     assert sharegpt.export([row], out, proc.budget) == 1
     rec = sharegpt.read(out)[0]
     roles = [m["from"] for m in rec["conversations"]]
     assert roles == ["system", "human", "gpt", "human", "gpt", "human", "gpt", "human", "gpt"]
+    assert [m.get("loss") for m in rec["conversations"][2::2]] == [None, False, None, None]
     assert len(rec["images"]) == 3 and rec["conversations"][1]["value"].count("<image>") == 1
     got = sharegpt.tokens(rec, proc)
-    from data import load_image
-    ref = render(load_image(row, probe_dir), row["problem"], row["turns"], proc)
+    from data import load_image, turn_text
+    ref = render(load_image(row, probe_dir), row["problem"], [turn_text(t) for t in row["turns"]], proc,
+                 unlearned={1})
     assert got["ids"] == ref["ids"] and got["mask"] == ref["mask"]
+    assert sum(ref["mask"]) < sum(render(load_image(row, probe_dir), row["problem"],
+                                         [turn_text(t) for t in row["turns"]], proc)["mask"])
     assert [im.size for im in got["shown"]] == [im.size for im in ref["shown"]]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got["shown"], ref["shown"]))
 
@@ -251,7 +256,9 @@ def test_a_written_sharegpt_file_with_two_images_trains_and_bad_ones_are_named(t
                         ({**rec, "conversations": rec["conversations"][:3]}, "roles must be"),
                         ({**rec, "images": ["a.png", "missing.png"]}, "missing.png"),
                         ({**rec, "conversations": rec["conversations"][:3] +
-                          [{"from": "gpt", "value": "x<|im_end|>"}]}, "special token")]:
+                          [{"from": "gpt", "value": "x<|im_end|>"}]}, "special token"),
+                        ({**rec, "conversations": rec["conversations"][:3] +
+                          [{"from": "gpt", "value": "x", "loss": "no"}]}, "'loss' must be true or false")]:
         f.write_text(json.dumps([rec, broken]))
         with pytest.raises(InputError, match=f"sg.json: record 1: .*{msg}"):
             sharegpt.read(f)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rl
-from data import load_image, read_jsonl
+from data import InputError, load_image, read_jsonl
 from infer import Engine, Sample
 from model import collate, load, save_checkpoint, token_logprobs
 
@@ -88,10 +88,19 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
     model, proc = tiny
     save_checkpoint(model, proc, tmp_path / "init")
     # a random model never answers: give rewards that vary (the reward itself is tested above)
-    monkeypatch.setattr(rl, "rewards_for", lambda trajs, rows, *a, **k: [float(t.token_ids[-1] % 2) for t in trajs])
-    rl.main(["--model", str(tmp_path / "init"), "--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "rl"),
-             "--steps", "2", "--questions", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
-             "--lr", "1e-3", "--save-every", "1", "--no-overturn-mask"])   # (masked, every row here would be off)
+    levels = []
+
+    def rewards(trajs, rows, *a, **k):
+        levels.extend(r["difficulty"] for r in rows)
+        return [float(t.token_ids[-1] % 2) for t in trajs]
+    monkeypatch.setattr(rl, "rewards_for", rewards)
+    base = ["--model", str(tmp_path / "init"), "--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "rl")]
+    rl.main(base + ["--steps", "2", "--questions", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12",
+                    "--lr", "1e-3", "--save-every", "1", "--no-overturn-mask",   # (masked, every row here would be off)
+                    "--levels", "medium,hard"])
+    assert levels and set(levels) <= {"medium", "hard"}   # the curriculum: only the levels asked for
+    with pytest.raises(InputError, match=r"train.jsonl: no record has a difficulty in extreme \(it has: easy, hard, medium\)"):
+        rl.main(base + ["--out", str(tmp_path / "rl2"), "--levels", "extreme"])
     log = read_jsonl(tmp_path / "rl_log.jsonl")
     assert [r["step"] for r in log] == [1, 2]
     assert {"reward_mean", "accuracy", "mean_turns", "share_exceeded", "share_groups_dropped", "loss",

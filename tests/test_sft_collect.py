@@ -358,7 +358,7 @@ def test_look_drills_show_what_the_cell_holds(tiny):
     shows; drill_batch labels exactly the answer (and the end of the message) after one picture."""
     from common import look_verdict
     from drills import look_drills
-    from make_probe import COLOURS
+    from world import COLOURS
     fill = lambda crop, c: int((np.asarray(crop.convert("RGB")) == COLOURS[c]).all(-1).sum())
     rng = np.random.default_rng(5)
     for _ in range(30):
