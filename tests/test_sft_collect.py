@@ -229,6 +229,39 @@ def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(
     assert searched >= 2
 
 
+
+def test_index_thoughts_number_the_list_and_name_the_next_number_and_its_box(probe_dir):
+    """index-goal: the same searches as the ledger; the opening list numbers its boxes "(1) [a], (2)
+    [b], ..." in reading order and ends on "(1) [first]"; after a miss the thought names "Next: (k)
+    [box]." where k is one more than the number zoomed before and the box is the one numbered k in
+    the opening list; every turn after a crop opens with the goal; with slips, the turn after a slip
+    names the same number and box again."""
+    searched = slipped = 0
+    for row, ledger, res in _hard_searches(probe_dir, "index-goal"):
+        searched += 1
+        assert res["answer"] == ledger["answer"] and len(res["turns"]) == len(ledger["turns"])
+        colour, shape = collect.parse_question(row["problem"])
+        opening = res["turns"][0].split("</think>")[0]
+        listing = opening.split(f"The {colour} objects: ")[1].split(". They look alike")[0]
+        numbered = dict(re.findall(r"\((\d+)\) (\[[^\]]*\])", listing))
+        assert list(numbered) == [str(k) for k in range(1, len(numbered) + 1)]
+        assert [boxes(b)[0] for b in numbered.values()] == boxes(ledger["turns"][0].split("</think>")[0])
+        assert opening.endswith(f"so I check them in order: (1) {numbered['1']}.")
+        zooms = [boxes(t.split("<grounding>")[1])[0] for t in res["turns"][:-1]]
+        for k, turn in enumerate(res["turns"][1:-1], start=2):
+            number, box = re.search(r"Next: \((\d+)\) (\[[^\]]*\])\.</think>", turn).groups()
+            assert int(number) == k and box == numbered[number] and boxes(box)[0] == zooms[k - 1]
+            assert turn.startswith(f"<think>I want the {colour} {shape}. It is a ")
+        assert res["turns"][-1].split("</think>")[0].endswith(f"{shape} is the same.")
+        out = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0),
+                              style="index-goal", slips=1.0)
+        for k, turn in enumerate(out["turns"]):
+            if isinstance(turn, dict):
+                slipped += 1
+                step = "Next: " + turn["text"].split("Next: ")[1].split("</think>")[0]
+                assert step in out["turns"][k + 1]
+    assert searched >= 2 and slipped >= 1
+
 def test_slips_zoom_a_neighbour_without_a_loss_then_name_the_meant_box_again(probe_dir):
     """--slips: a slipped turn is {"text", "learn": false} whose call zooms a cell one row or column
     from the box its thought names; the next turn says what that crop shows and zooms the meant box,
