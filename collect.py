@@ -178,11 +178,10 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
     """Zoom into each candidate cell in reading order (backward: from the last) until one shows the
     asked-for shape. The lists stay in reading order; the backward one ends on its next box."""
     backward = style == "backward"
-    more = ("" if len(cells) == 1 or backward
-            else f" They look alike from here, so I check the {colour} objects: {fmt_box(cell_box(cells[0]))}."
-            if style.startswith("chain")
-            else f" They look alike from here, so I check them in order: (1) {fmt_box(cell_box(cells[0]))}."
-            if style.startswith("index") else " They look alike from here, so I check them one by one.")
+    first = fmt_box(cell_box(cells[0]))
+    how = (f"the {colour} objects: {first}" if style.startswith("chain")       # the list's own words again
+           else f"them in order: (1) {first}" if style.startswith("index") else "them one by one")
+    more = "" if len(cells) == 1 or backward else f" They look alike from here, so I check {how}."
     order = cells[::-1] if backward else cells
     turns = [said(intro + more, zoom_text(cell_box(order[0])))]
     for i, cell in enumerate(order):
