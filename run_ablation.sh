@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# The ablations, from run_tiny.sh's SFT checkpoint (run that first), on a 300-question test split
-# (100 per difficulty) that no training stage reads, over several RL seeds:
+# The ablations on a 300-question test split (100 per difficulty, seed 2) that no training stage
+# reads, over several RL seeds, all from one SFT checkpoint:
 #   SFT alone | RL with over-turn masking | RL without it | RL straight from the base (no cold start)
 # Each RL arm is trained once per seed and evaluated greedily at turn caps 1-16; ablation.py then
 # prints one table (accuracy ± standard error, questions and seeds resampled), the differences that
-# the paper claims, and draws runs/ablation/ablation.png.
-# SEEDS="0 1 2" (default) takes about 60 minutes on 2 CPU cores (59 min 16 s, 2026-11-30); SEEDS="0" about 20.
-# RL_FLAGS must match run_tiny.sh's RL stage, so that the masking arm is the tiny run's recipe.
-# Rerunning it continues: an arm whose evaluation is already there is not trained again
-# (FRESH=1 starts over).
+# the paper claims, and draws <out>/ablation.png. Two regimes (run bash run_tiny.sh first):
+#   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, every question);
+#     out: runs/ablation. SEEDS="0 1 2" (default) about 60 minutes on 2 CPU cores; SEEDS="0" 20.
+#   REGIME=hard: NOTES.md section 13's: SFT on numbered-list trajectories (collect --thoughts
+#     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
+#     minutes), then RL on hard questions only, 40 steps at temperature 0.7, where masking acts on
+#     a third to a half of the rollouts; out: runs/ablation_hard. About 45 minutes a seed.
+# RL_FLAGS overrides a regime's RL flags. Rerunning continues: an arm whose evaluation is already
+# there is not trained again (FRESH=1 starts over).
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
-RL_FLAGS=${RL_FLAGS:-"--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16"}
-A=runs/ablation
+TEST=runs/ablation/test        # both regimes: the same questions
+case ${REGIME:-tiny} in
+  tiny) A=runs/ablation; SFT=runs/tiny/sft
+        DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16" ;;
+  hard) A=runs/ablation_hard; SFT=runs/ablation_hard/sft
+        DEFAULT_RL="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 1e-4 --precision bf16" ;;
+  *) echo "REGIME must be tiny or hard, not '$REGIME'"; exit 1 ;;
+esac
+RL_FLAGS=${RL_FLAGS:-$DEFAULT_RL}
 T0=$(date +%s)
 [ "${FRESH:-0}" = 1 ] && rm -rf $A
 stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
-[ -f runs/tiny/sft/model.safetensors ] || { echo "runs/tiny/sft is missing: run bash run_tiny.sh first"; exit 1; }
+[ -f runs/tiny/probe/train.jsonl ] || { echo "runs/tiny/probe is missing: run bash run_tiny.sh first"; exit 1; }
 
 stage "test split: 300 questions, seed 2 (run_tiny.sh uses seed 1)"
-[ -f $A/test/test.jsonl ] || python make_probe.py --out $A/test --n-train 0 --n-test 300 --seed 2
+[ -f $TEST/test.jsonl ] || python make_probe.py --out $TEST --n-train 0 --n-test 300 --seed 2
+if [ ! -f $SFT/model.safetensors ]; then
+  [ "${REGIME:-tiny}" = hard ] || { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
+  stage "SFT on numbered-list trajectories (NOTES.md section 13)"
+  python collect.py --data runs/tiny/probe/train.jsonl --out $A/coldstart.jsonl --thoughts index-goal --slips 0.5
+  python sft.py --data $A/coldstart.jsonl --init tiny-base --out $SFT --steps 400 --batch 8 --lr 1e-3 \
+    --verdict-drills 8 --verdict-style goal --drill-weight 0.5 --look-drills 8 --precision bf16 --overwrite
+fi
 done_() { [ -f "$1/results.json" ]; }
-evaluate() { python eval.py --model "$1" --data $A/test/test.jsonl --out "$2" --greedy --examples 2 --overwrite; }
+evaluate() { python eval.py --model "$1" --data $TEST/test.jsonl --out "$2" --greedy --examples 2 --overwrite; }
 # arm NAME SEED MODEL [rl flags]: train RL (--resume: a killed run continues, a finished one is kept)
 # and evaluate it, unless its evaluation is there
 arm() {
@@ -33,10 +51,10 @@ arm() {
 }
 
 stage "SFT (cold start) alone"
-done_ $A/eval_sft || evaluate runs/tiny/sft $A/eval_sft
+done_ $A/eval_sft || evaluate $SFT $A/eval_sft
 for s in $SEEDS; do
-  arm mask $s runs/tiny/sft                       # RL with over-turn masking (the tiny run's recipe)
-  arm nomask $s runs/tiny/sft --no-overturn-mask  # RL without it
+  arm mask $s $SFT                                # RL with over-turn masking (the tiny run's recipe)
+  arm nomask $s $SFT --no-overturn-mask           # RL without it
   arm nocold $s tiny-base                         # RL straight from the base, no cold start
 done
 
