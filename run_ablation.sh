@@ -11,20 +11,23 @@
 #     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
 #     minutes), then RL on hard questions only, 40 steps at temperature 0.7, where masking acts on
 #     a third to a half of the rollouts; out: runs/ablation_hard. About 45 minutes a seed.
-# RL_FLAGS overrides a regime's RL flags. Rerunning continues: an arm whose evaluation is already
-# there is not trained again (FRESH=1 starts over).
+# RL_FLAGS overrides a regime's RL flags, ARMS its arms (tiny: "mask nomask nocold"; hard: "mask
+# nomask", since the base never makes a tool call). Rerunning continues: an arm whose evaluation is
+# already there is not trained again (FRESH=1 starts over; in REGIME=hard, its SFT model too).
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
 TEST=runs/ablation/test        # both regimes: the same questions
 case ${REGIME:-tiny} in
-  tiny) A=runs/ablation; SFT=runs/tiny/sft
+  tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
         DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16" ;;
-  hard) A=runs/ablation_hard; SFT=runs/ablation_hard/sft
+  hard) A=runs/ablation_hard; SFT=runs/ablation_hard/sft; DEFAULT_ARMS="mask nomask"
         DEFAULT_RL="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 1e-4 --precision bf16" ;;
   *) echo "REGIME must be tiny or hard, not '$REGIME'"; exit 1 ;;
 esac
 RL_FLAGS=${RL_FLAGS:-$DEFAULT_RL}
+ARMS=${ARMS:-$DEFAULT_ARMS}
+for a in $ARMS; do [[ $a =~ ^(mask|nomask|nocold)$ ]] || { echo "ARMS: unknown arm '$a' (mask, nomask, nocold)"; exit 1; }; done
 T0=$(date +%s)
 [ "${FRESH:-0}" = 1 ] && rm -rf $A
 stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
@@ -53,19 +56,23 @@ arm() {
 stage "SFT (cold start) alone"
 done_ $A/eval_sft || evaluate $SFT $A/eval_sft
 for s in $SEEDS; do
-  arm mask $s $SFT                                # RL with over-turn masking (the tiny run's recipe)
-  arm nomask $s $SFT --no-overturn-mask           # RL without it
-  arm nocold $s tiny-base                         # RL straight from the base, no cold start
+  for a in $ARMS; do
+    case $a in
+      mask) arm mask $s $SFT ;;                             # RL with over-turn masking (the tiny run's recipe)
+      nomask) arm nomask $s $SFT --no-overturn-mask ;;      # RL without it
+      nocold) arm nocold $s tiny-base ;;                    # RL straight from the base, no cold start
+    esac
+  done
 done
 
 stage "the table"
 dirs() { local d=""; for s in $SEEDS; do d="$d${d:+,}$A/eval_$1_s$s"; done; echo "$d"; }
-python ablation.py --out $A \
-  --arm "SFT (cold start)=$A/eval_sft" \
-  --arm "RL, masking=$(dirs mask)" \
-  --arm "RL, no masking=$(dirs nomask)" \
-  --arm "RL, no cold start=$(dirs nocold)" \
-  --diff "RL, masking" "RL, no masking" \
-  --diff "RL, masking" "SFT (cold start)" \
-  --diff "RL, masking" "RL, no cold start"
+has() { [[ " $ARMS " == *" $1 "* ]]; }
+name() { case $1 in mask) echo "RL, masking" ;; nomask) echo "RL, no masking" ;; nocold) echo "RL, no cold start" ;; esac; }
+args=(--out $A --arm "SFT (cold start)=$A/eval_sft")
+for a in $ARMS; do args+=(--arm "$(name $a)=$(dirs $a)"); done
+has mask && has nomask && args+=(--diff "RL, masking" "RL, no masking")
+has mask && args+=(--diff "RL, masking" "SFT (cold start)")
+has mask && has nocold && args+=(--diff "RL, masking" "RL, no cold start")
+python ablation.py "${args[@]}"
 echo; echo "done in $(( $(date +%s) - T0 ))s; plot: $A/ablation.png"
