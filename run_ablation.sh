@@ -18,7 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
 TEST=runs/ablation/test        # both regimes: the same questions
-case ${REGIME:-tiny} in
+REGIME=${REGIME:-tiny}
+case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
         DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16" ;;
   hard) A=runs/ablation_hard; SFT=runs/ablation_hard/sft; DEFAULT_ARMS="mask nomask"
@@ -36,7 +37,7 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 stage "test split: 300 questions, seed 2 (run_tiny.sh uses seed 1)"
 [ -f $TEST/test.jsonl ] || python make_probe.py --out $TEST --n-train 0 --n-test 300 --seed 2
 if [ ! -f $SFT/model.safetensors ]; then
-  [ "${REGIME:-tiny}" = hard ] || { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
+  [ "$REGIME" = hard ] || { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
   stage "SFT on numbered-list trajectories (NOTES.md section 13)"
   python collect.py --data runs/tiny/probe/train.jsonl --out $A/coldstart.jsonl --thoughts index-goal --slips 0.5
   python sft.py --data $A/coldstart.jsonl --init tiny-base --out $SFT --steps 400 --batch 8 --lr 1e-3 \
