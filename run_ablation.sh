@@ -11,9 +11,14 @@
 #     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
 #     minutes), then RL on hard questions only, 40 steps at temperature 0.7, where masking acts on
 #     a third to a half of the rollouts; out: runs/ablation_hard. About 45 minutes a seed.
+#   REGIME=long: NOTES.md section 14's: REGIME=hard's SFT model (made if missing) trained 400 more
+#     steps (a new schedule at lr 5e-4, data seed 1; about 25 minutes), then the same RL on hard
+#     questions at lr 5e-5, where this model neither breaks (1e-4) nor stands still (2e-5);
+#     out: runs/ablation_long. About 45 minutes a seed.
 # RL_FLAGS overrides a regime's RL flags, ARMS its arms (tiny: "mask nomask nocold"; hard: "mask
 # nomask", since the base never makes a tool call). Rerunning continues: an arm whose evaluation is
-# already there is not trained again (FRESH=1 starts over; in REGIME=hard, its SFT model too).
+# already there is not trained again (FRESH=1 starts over in the regime's folder: REGIME=hard
+# makes its SFT model again, REGIME=long its 400 more steps but not REGIME=hard's model).
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
@@ -24,7 +29,9 @@ case $REGIME in
         DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16" ;;
   hard) A=runs/ablation_hard; SFT=runs/ablation_hard/sft; DEFAULT_ARMS="mask nomask"
         DEFAULT_RL="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 1e-4 --precision bf16" ;;
-  *) echo "REGIME must be tiny or hard, not '$REGIME'"; exit 1 ;;
+  long) A=runs/ablation_long; SFT=runs/ablation_long/sft; DEFAULT_ARMS="mask nomask"
+        DEFAULT_RL="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 5e-5 --precision bf16" ;;
+  *) echo "REGIME must be tiny, hard or long, not '$REGIME'"; exit 1 ;;
 esac
 RL_FLAGS=${RL_FLAGS:-$DEFAULT_RL}
 ARMS=${ARMS:-$DEFAULT_ARMS}
@@ -36,12 +43,21 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 
 stage "test split: 300 questions, seed 2 (run_tiny.sh uses seed 1)"
 [ -f $TEST/test.jsonl ] || python make_probe.py --out $TEST --n-train 0 --n-test 300 --seed 2
+NUMBERED=runs/ablation_hard      # REGIME=hard's trajectories and SFT model, which REGIME=long goes on from
+DRILLS="--verdict-drills 8 --verdict-style goal --drill-weight 0.5 --look-drills 8 --precision bf16"
 if [ ! -f $SFT/model.safetensors ]; then
-  [ "$REGIME" = hard ] || { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
-  stage "SFT on numbered-list trajectories (NOTES.md section 13)"
-  python collect.py --data runs/tiny/probe/train.jsonl --out $A/coldstart.jsonl --thoughts index-goal --slips 0.5
-  python sft.py --data $A/coldstart.jsonl --init tiny-base --out $SFT --steps 400 --batch 8 --lr 1e-3 \
-    --verdict-drills 8 --verdict-style goal --drill-weight 0.5 --look-drills 8 --precision bf16 --overwrite
+  [ "$REGIME" = tiny ] && { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
+  if [ ! -f $NUMBERED/sft/model.safetensors ]; then
+    stage "SFT on numbered-list trajectories (NOTES.md section 13)"
+    python collect.py --data runs/tiny/probe/train.jsonl --out $NUMBERED/coldstart.jsonl --thoughts index-goal --slips 0.5
+    python sft.py --data $NUMBERED/coldstart.jsonl --init tiny-base --out $NUMBERED/sft --steps 400 --batch 8 --lr 1e-3 \
+      $DRILLS --overwrite
+  fi
+  if [ "$REGIME" = long ]; then
+    stage "400 more SFT steps on the same trajectories (NOTES.md section 14)"
+    python sft.py --data $NUMBERED/coldstart.jsonl --init $NUMBERED/sft --out $SFT --steps 400 --batch 8 --lr 5e-4 \
+      --seed 1 $DRILLS --overwrite
+  fi
 fi
 done_() { [ -f "$1/results.json" ]; }
 evaluate() { python eval.py --model "$1" --data $TEST/test.jsonl --out "$2" --greedy --examples 2 --overwrite; }
