@@ -1,5 +1,9 @@
 """ablation.py: arm means, bootstrap standard errors and paired differences, on eval folders the tests write."""
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +88,23 @@ def test_bad_arms_are_named(tmp_path):
         ablation.main(["--arm", f"A={a}", "--arm", f"B={other}", "--out", str(tmp_path / "o")])
     with pytest.raises(InputError, match="no arm named 'C'"):
         ablation.main(["--arm", f"A={a}", "--diff", "A", "C", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"REGIME": "bad"}, "REGIME must be tiny, hard or long, not 'bad'"),
+    ({"REGIME": "long", "ARMS": "mask foo"}, "ARMS: unknown arm 'foo' (mask, nomask, nocold)"),
+])
+def test_run_ablation_refuses_bad_settings_before_any_work(tmp_path, env, message):
+    """run_ablation.sh checks REGIME and ARMS before it deletes, makes or trains anything."""
+    script = tmp_path / "run_ablation.sh"         # a copy, run from an empty folder: nothing to find or lose
+    shutil.copy(Path(__file__).parents[1] / "run_ablation.sh", script)
+    kept = [tmp_path / "runs" / d / "keep" for d in ("ablation", "ablation_hard", "ablation_long")]
+    for f in kept:                                 # what FRESH=1 would delete if the checks came late
+        f.parent.mkdir(parents=True)
+        f.write_text("x")
+    res = subprocess.run(["bash", str(script)], env={**os.environ, "FRESH": "1", **env},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert message in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_ablation.sh", "runs"]   # nothing made
+    assert all(f.exists() for f in kept)                                                # nothing lost
