@@ -13,7 +13,7 @@
 #     a third to a half of the rollouts; out: runs/ablation_hard. About 45 minutes a seed.
 #   REGIME=long: NOTES.md section 14's: REGIME=hard's SFT model (made if missing) trained 400 more
 #     steps (a new schedule at lr 5e-4, data seed 1; about 25 minutes), then the same RL on hard
-#     questions at lr 5e-5, where this model neither breaks (1e-4) nor stands still (2e-5);
+#     questions at lr 5e-5, between the 1e-4 that breaks this model and the 2e-5 that leaves it be;
 #     out: runs/ablation_long. About 45 minutes a seed.
 # RL_FLAGS overrides a regime's RL flags, ARMS its arms (tiny: "mask nomask nocold"; hard: "mask
 # nomask", since the base never makes a tool call). Rerunning continues: an arm whose evaluation is
