@@ -24,13 +24,14 @@ cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
 TEST=runs/ablation/test        # both regimes: the same questions
 REGIME=${REGIME:-tiny}
+ON_HARD="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --precision bf16"   # hard and long
 case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
         DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16" ;;
-  hard) A=runs/ablation_hard; SFT=runs/ablation_hard/sft; DEFAULT_ARMS="mask nomask"
-        DEFAULT_RL="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 1e-4 --precision bf16" ;;
-  long) A=runs/ablation_long; SFT=runs/ablation_long/sft; DEFAULT_ARMS="mask nomask"
-        DEFAULT_RL="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 5e-5 --precision bf16" ;;
+  hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
+        DEFAULT_RL="$ON_HARD --lr 1e-4" ;;
+  long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
+        DEFAULT_RL="$ON_HARD --lr 5e-5" ;;
   *) echo "REGIME must be tiny, hard or long, not '$REGIME'"; exit 1 ;;
 esac
 RL_FLAGS=${RL_FLAGS:-$DEFAULT_RL}
