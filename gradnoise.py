@@ -85,7 +85,8 @@ def question_split(sum_sq: float, norms_sq: float, same: list[float], k: int) ->
     same = np.asarray(same, dtype=float)
     across = (sum_sq - norms_sq - 2 * same.sum()) / (2 * k * (2 * k - 2))
     mean = float(same.mean())
-    return {"same_question": mean, "same_question_se": float(same.std(ddof=1) / np.sqrt(k)),
+    return {"half_norm_sq": norms_sq / (2 * k),   # the mean |h|^2: the scale the two below compare to
+            "same_question": mean, "same_question_se": float(same.std(ddof=1) / np.sqrt(k)),
             "across_questions": float(across), "shared_share": float(across / mean) if mean > 0 else None}
 
 
@@ -182,14 +183,15 @@ def summarise(gram: dict, split: dict, groups, rollouts, args) -> dict:
 
 
 def draw(res: dict, path: Path):
-    """The share of a step's gradient that is signal against the groups per step (2^0 .. 2^12), each
-    arm with its 95% band drawn as two thin lines."""
+    """The share of a step's gradient that is signal against the groups per step (2^0 .. 2^12): each
+    arm's estimate and the 95% interval's ends (an end at or below 0, no signal, is not drawn)."""
     series = {}
     for a in ARMS:
-        for name, snr in ((a, res[a]["snr_per_group"]), (f"{a} 2.5%", res[a]["snr_per_group_95"][0]),
-                          (f"{a} 97.5%", res[a]["snr_per_group_95"][1])):
-            s = max(snr, 0.0)
-            series[name] = {str(e): 2 ** e * s / (1 + 2 ** e * s) for e in range(13)}
+        lo, hi = res[a]["snr_per_group_95"]
+        for name, snr in ((a, res[a]["snr_per_group"]), (f"{a}: 95% upper", hi), (f"{a}: 95% lower", lo)):
+            if snr > 0 or name == a:
+                s = max(snr, 0.0)
+                series[name] = {str(e): 2 ** e * s / (1 + 2 ** e * s) for e in range(13)}
     line_plot(series, path, f"GRPO: share of a step's gradient that is signal ({res['groups']} groups measured)",
               xlabel=f"log2 of groups of {res['group_size']} rollouts a step (2: 4, 8: 256)")
 
@@ -229,8 +231,8 @@ def main(argv: list[str] | None = None):
         print(f"{a:7s} B_noise {r['B_noise']:.3g} groups (95%: above {low}); signal/noise of one group "
               f"{r['snr_per_group']:.2e} (95% {r['snr_per_group_95'][0]:.2e} .. {r['snr_per_group_95'][1]:.2e}); "
               "share of a step that is signal: " + ", ".join(f"{s:.3f} at {b} groups" for b, s in r["signal_share_at"].items()))
-        print(f"{'':7s} halves of one question agree {q['same_question']:.3g} ± {q['same_question_se']:.2g}; "
-              f"of different questions {q['across_questions']:.3g} (shared share {q['shared_share']})")
+        print(f"{'':7s} halves' |h|^2 {q['half_norm_sq']:.3g}; halves of one question agree {q['same_question']:.3g} "
+              f"± {q['same_question_se']:.2g}, of different questions {q['across_questions']:.3g}")
     print(f"cos(true gradient with masking, without) {res['cos_true_mask_nomask']}")
     print(f"wrote {out / 'gradnoise.json'} and {out / 'gradnoise.png'}")
 

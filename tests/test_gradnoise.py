@@ -118,6 +118,7 @@ def test_question_split_separates_a_question_s_own_direction_from_the_shared_one
     assert res["same_question"] == pytest.approx(4, abs=3 * res["same_question_se"])
     assert res["across_questions"] == pytest.approx(1, abs=0.15)
     assert res["shared_share"] == pytest.approx(0.25, abs=0.05)
+    assert res["half_norm_sq"] == pytest.approx(24, rel=0.05)   # |m_q|^2 + the noise's 20
     # the same from every pair of halves of different questions, counted one by one
     small = slice(0, 40)
     a, b = h0[small], h1[small]
