@@ -178,7 +178,10 @@ def summarise(gram: dict, split: dict, groups, rollouts, args) -> dict:
         res[a]["signal_share_at"] = {str(b): 1 / (1 + res[a]["B_noise"] / b) for b in (args.questions, 256)}
         res[a]["B_noise_95_low"] = 1 / res[a]["snr_per_group_95"][1] if res[a]["snr_per_group_95"][1] > 0 else None
         res[a]["question_split"] = split[a]
-    res["cos_true_mask_nomask"] = arms_correlation(gram["cross"], res["mask"]["signal"], res["nomask"]["signal"])
+    # the cosine of two signals means something only where both are measured (95% intervals above 0)
+    measured = all(res[a]["snr_per_group_95"][0] > 0 for a in ARMS)
+    res["cos_true_mask_nomask"] = arms_correlation(gram["cross"], res["mask"]["signal"], res["nomask"]["signal"]) \
+        if measured else None
     return res
 
 
@@ -233,7 +236,9 @@ def main(argv: list[str] | None = None):
               "share of a step that is signal: " + ", ".join(f"{s:.3f} at {b} groups" for b, s in r["signal_share_at"].items()))
         print(f"{'':7s} halves' |h|^2 {q['half_norm_sq']:.3g}; halves of one question agree {q['same_question']:.3g} "
               f"± {q['same_question_se']:.2g}, of different questions {q['across_questions']:.3g}")
-    print(f"cos(true gradient with masking, without) {res['cos_true_mask_nomask']}")
+    cos = res["cos_true_mask_nomask"]
+    print("cos(true gradient with masking, without): " + (f"{cos:.2f}" if cos is not None else
+                                                          "not measured (a signal's interval reaches 0)"))
     print(f"wrote {out / 'gradnoise.json'} and {out / 'gradnoise.png'}")
 
 
