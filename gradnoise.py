@@ -120,7 +120,7 @@ def group_gradients(model, processor, group, args, params, device, halves: bool 
     return out
 
 
-def collect_groups(engine, questions, root: Path, args, k: int) -> list:
+def collect_groups(engine, questions, root: Path, args, k: int) -> tuple[list, list]:
     """K untied groups of rollouts, rolled out P questions at a time (rl.rollout_groups, which
     itself asks again up to 4 times when groups tie); at most 4 times the rounds K needs."""
     groups, rollouts, bar = [], [], tqdm(total=k, desc="untied groups", dynamic_ncols=True)
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None):
     args.protocol, args.judge_texts = protocol_from_args(args), None
     if args.judge or args.judge_prompt:
         raise InputError("gradnoise.py grades by the rule match; --judge is rl.py's only")
+    if args.no_overturn_mask:
+        raise InputError("gradnoise.py measures both arms, with over-turn masking and without; drop --no-overturn-mask")
     rows = select_levels(read_records(args.data), args.levels, args.data)
     seed_everything(args.seed)
     model, processor = load(resolve_checkpoint(args.model))

@@ -101,6 +101,8 @@ def test_gradnoise_end_to_end_writes_its_report(tiny, probe_dir, tmp_path, monke
     with pytest.raises(InputError, match=r"train.jsonl: in \d+ rollouts only 0 groups had rewards"):
         gradnoise.main(base + ["--groups", "2", "--report", str(tmp_path / "rep2")])
     assert not (tmp_path / "rep2").exists()
+    with pytest.raises(InputError, match="measures both arms"):
+        gradnoise.main(base + ["--no-overturn-mask", "--report", str(tmp_path / "rep3")])
 
 
 def test_question_split_separates_a_question_s_own_direction_from_the_shared_one():
