@@ -34,13 +34,19 @@ from tqdm import tqdm
 
 import parallel
 import rl
-from data import InputError, POSITIVE, main_cli, read_records, select_levels
+from data import InputError, POSITIVE, atomic_path, main_cli, read_records, select_levels
 from eval import line_plot
 from infer import Engine
-from model import load, resolve_checkpoint, seed_everything, token_logprobs
+from model import load, seed_everything, token_logprobs
 from protocol import apply_pixels, protocol_from_args
 
 ARMS = ("mask", "nomask")
+
+
+def off_diagonal_mean(m: np.ndarray) -> float:
+    """The mean of m[i, j] over i != j: over pairs of different groups, which are independent."""
+    k = len(m)
+    return float((m.sum() - np.trace(m)) / (k * (k - 1)))
 
 
 def noise_scale(gram: np.ndarray) -> dict:
@@ -50,7 +56,7 @@ def noise_scale(gram: np.ndarray) -> dict:
     k = len(gram)
     if k < 2:
         raise ValueError("the noise scale needs at least 2 gradients")
-    signal = (gram.sum() - np.trace(gram)) / (k * (k - 1))
+    signal = off_diagonal_mean(gram)
     noise = np.trace(gram) / k - signal
     return {"signal": float(signal), "noise": float(noise), "snr_per_group": float(signal / noise),
             "B_noise": float(noise / signal) if signal > 0 else float("inf")}
@@ -70,8 +76,7 @@ def bootstrap_snr(gram: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]
 def arms_correlation(gram_mu: np.ndarray, signal_m: float, signal_u: float) -> float | None:
     """cos(G_mask, G_nomask), the true gradients' cosine: the cross products g_i^mask . g_j^nomask
     of different groups estimate G_mask . G_nomask (a group with itself shares its rollouts)."""
-    k = len(gram_mu)
-    cross = (gram_mu.sum() - np.trace(gram_mu)) / (k * (k - 1))
+    cross = off_diagonal_mean(gram_mu)
     return float(cross / np.sqrt(signal_m * signal_u)) if signal_m > 0 and signal_u > 0 else None
 
 
@@ -141,29 +146,26 @@ def collect_groups(engine, questions, root: Path, args, k: int) -> tuple[list, l
 
 
 def measure(model, processor, groups, args) -> tuple[dict, dict]:
-    """The Gram matrices of the groups' gradients (with masking, without, and across), built one
-    group at a time: each new gradient is dotted with the ones before it; and, from each group's
-    halves, what question_split needs (a running sum, so the halves are not kept)."""
+    """The Gram matrices of the groups' gradients (with masking, without, and across: cross[i, j] =
+    g_i(mask) . g_j(nomask)); and, from each group's halves, what question_split needs (a running
+    sum, so the halves are not kept)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     k, n = len(groups), sum(p.numel() for p in params)
     grads = {a: torch.empty(k, n) for a in ARMS}
-    gram = {key: np.zeros((k, k)) for key in ("mask", "nomask", "cross")}
     halves = {a: {"sum": torch.zeros(n, dtype=torch.float64), "norms_sq": 0.0, "same": []} for a in ARMS}
     model.train()
     for i, group in enumerate(tqdm(groups, desc="gradients", dynamic_ncols=True)):
         g = group_gradients(model, processor, group, args, params, device, halves=True)
         for a in ARMS:
             grads[a][i] = g[a]
-            gram[a][i, :i + 1] = gram[a][:i + 1, i] = (grads[a][:i + 1] @ g[a]).double().numpy()
             h0, h1 = g[a + "_halves"]
             halves[a]["sum"] += h0.double() + h1.double()
             halves[a]["norms_sq"] += float(h0.double() @ h0.double() + h1.double() @ h1.double())
             halves[a]["same"].append(float(h0.double() @ h1.double()))
-        # cross[i, j] = g_i(mask) . g_j(nomask)
-        gram["cross"][i, :i + 1] = (grads["nomask"][:i + 1] @ g["mask"]).double().numpy()
-        gram["cross"][:i, i] = (grads["mask"][:i] @ g["nomask"]).double().numpy()
     model.eval()
+    gram = {key: (grads[a] @ grads[b].T).double().numpy()
+            for key, a, b in (("mask", "mask", "mask"), ("nomask", "nomask", "nomask"), ("cross", "mask", "nomask"))}
     split = {a: question_split(float(h["sum"] @ h["sum"]), h["norms_sq"], h["same"], k) for a, h in halves.items()}
     return gram, split
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None):
         raise InputError("gradnoise.py measures both arms, with over-turn masking and without; drop --no-overturn-mask")
     rows = select_levels(read_records(args.data), args.levels, args.data)
     seed_everything(args.seed)
-    model, processor = load(resolve_checkpoint(args.model))
+    model, processor = load(args.model)
     for p in model.model.visual.parameters():      # frozen in SFT and RL: no gradient
         p.requires_grad_(False)
     apply_pixels(processor, args)
@@ -223,10 +225,8 @@ def main(argv: list[str] | None = None):
     res = {"model": args.model, "data": args.data, "levels": args.levels, "temperature": args.temperature,
            "max_turns": args.max_turns, **summarise(*measure(model, processor, groups, args), groups, rollouts, args)}
     out = Path(own.report)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "gradnoise.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / "gradnoise.json")
+    with atomic_path(out / "gradnoise.json") as tmp:
+        tmp.write_text(json.dumps(res, indent=1))
     draw(res, out / "gradnoise.png")
     print(f"{res['groups']} groups of {res['group_size']} ({res['rollouts']} rollouts, accuracy "
           f"{res['rollout_accuracy']:.2f}, {res['share_exceeded']:.2f} reached the turn limit)")
