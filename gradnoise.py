@@ -1,7 +1,7 @@
 """How many rollouts does one RL step need? GRPO's gradient noise scale, measured on a policy.
 
     python gradnoise.py --model runs/ablation_long/sft --levels hard --temperature 0.7 \\
-        --precision bf16 --groups 64 --report runs/gradnoise_long
+        --precision best --groups 64 --report runs/gradnoise_long
 
 Every other flag is rl.py's and means what it means there (the rollouts, the loss, the masking).
 

@@ -307,8 +307,15 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
 
 def token_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L], of the
-    distribution at `temperature` (the logits divided by it), the one rl.py's rollouts sample from."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    distribution at `temperature` (the logits divided by it), the one rl.py's rollouts sample from.
+    A right-padded batch (collate's) runs with the causal mask alone: a real token never attends to
+    a later position, so it never sees the padding either, and the attention kernel can skip the
+    blocks above the diagonal (a long SFT step measured 25-30% faster on the CPU); the padding
+    positions' own log-probs are then meaningless, and carry no loss."""
+    mask = batch["attention_mask"]
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):   # every row: ones, then zeros
+        mask = None
+    out = model(input_ids=batch["input_ids"], attention_mask=mask,
                 position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"))
     logits = out.logits[:, :-1].float() / temperature

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,19 +101,38 @@ def prepare(model, grad_checkpointing: bool, precision: str, world: World):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kind = next(model.parameters()).device.type
+    if kind == "cpu" and uses_bf16(kind, precision) and not native_bf16(kind):
+        warnings.warn("--precision bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated there, "
+                      "about 20x slower than float32; use --precision best (float32 on this CPU) or fp32",
+                      stacklevel=2)
     shard(model, world, precision)
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "best", "bf16", "fp32")
 PRECISION_HELP = ("the compute's precision: bf16 autocast over float32 weights (AdamW's state stays float32), "
-                  "or float32 throughout; auto: bf16 on CUDA, float32 on the CPU")
+                  "or float32 throughout; auto: bf16 on CUDA, float32 on the CPU; best: bf16 where the "
+                  "hardware computes it (CUDA, a CPU with AVX-512 BF16 or AMX), float32 elsewhere")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether this machine computes bfloat16 natively: CUDA, or a CPU with AVX-512 BF16 or AMX.
+    Elsewhere (AVX2 CPUs: most laptops, older servers) bf16 matrix work is emulated and measured
+    about 20x slower than float32 (NOTES.md section 17)."""
+    if device_type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def uses_bf16(device_type: str, precision: str) -> bool:
-    """Whether the compute runs in bfloat16: always with "bf16" (on a CPU with AVX-512 BF16 or AMX
-    it is about 1.5x faster than float32), never with "fp32", on CUDA only with "auto"."""
+    """Whether the compute runs in bfloat16: always with "bf16", never with "fp32", on CUDA only
+    with "auto", where the hardware computes it natively with "best" (on a CPU with AVX-512 BF16 it
+    was about 1.5x faster than float32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose from {PRECISIONS}")
+    if precision == "best":
+        return native_bf16(device_type)
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 

@@ -24,10 +24,10 @@ cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
 TEST=runs/ablation/test        # both regimes: the same questions
 REGIME=${REGIME:-tiny}
-ON_HARD="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --precision bf16"   # hard and long
+ON_HARD="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # hard and long
 case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
-        DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16" ;;
+        DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision best" ;;
   hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
         DEFAULT_RL="$ON_HARD --lr 1e-4" ;;
   long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
@@ -45,7 +45,7 @@ stage() { echo; echo "=== $1 ($(( $(date +%s) - T0 ))s elapsed)"; }
 stage "test split: 300 questions, seed 2 (run_tiny.sh uses seed 1)"
 [ -f $TEST/test.jsonl ] || python make_probe.py --out $TEST --n-train 0 --n-test 300 --seed 2
 NUMBERED=runs/ablation_hard      # REGIME=hard's trajectories and SFT model, which REGIME=long goes on from
-DRILLS="--verdict-drills 8 --verdict-style goal --drill-weight 0.5 --look-drills 8 --precision bf16"
+DRILLS="--verdict-drills 8 --verdict-style goal --drill-weight 0.5 --look-drills 8 --precision best"
 if [ ! -f $SFT/model.safetensors ]; then
   [ "$REGIME" = tiny ] && { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
   if [ ! -f $NUMBERED/sft/model.safetensors ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
 # Starts from the committed tiny base (checkpoints/tiny-base). About 30 minutes on 2 CPU cores
-# (bf16 compute: a CPU with AVX-512 BF16; on one without, drop --precision bf16 and expect it slower).
+# (--precision best: bf16 compute on a CPU with AVX-512 BF16 or AMX, float32 on one without, e.g. AVX2 only:
+# there bf16 is emulated and about 20x slower, and the whole script takes longer; see the README).
 # --overwrite: a rerun replaces the previous run's checkpoints and results (without it they are refused).
 # Ends by printing the paths of the report pages (open them in a browser).
 set -euo pipefail
@@ -15,9 +16,9 @@ stage "1. cold-start trajectories (explorer teacher)"
 python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl --thoughts chain-compare
 stage "2. supervised fine-tuning from the tiny base"
 python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 400 --batch 8 --lr 1e-3 \
-  --verdict-drills 8 --verdict-style compare --drill-weight 0.5 --precision bf16 --overwrite
+  --verdict-drills 8 --verdict-style compare --drill-weight 0.5 --precision best --overwrite
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
-python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 --lr 2e-4 --precision bf16 --overwrite
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 --lr 2e-4 --precision best --overwrite
 stage "4. evaluation: turn caps 1-16 on the test split"
 python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy --overwrite
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite

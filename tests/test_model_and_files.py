@@ -75,3 +75,33 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         write_jsonl(p, rows())
     assert read_jsonl(p) == [{"keep": True}] and [f.name for f in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_token_logprobs_of_a_padded_batch_equal_each_sample_alone(tiny, probe_dir):
+    """A right-padded batch runs with the causal mask alone (no padding mask): the real tokens'
+    log-probs must equal each conversation's own forward without padding; a batch padded on the
+    left keeps its mask and still matches."""
+    from common import render
+    from data import load_image, read_jsonl
+    from model import collate, token_logprobs
+    model, proc = tiny
+    rows = read_jsonl(probe_dir / "train.jsonl")[:3]   # three conversations of different lengths
+    samples = [render(load_image(r, probe_dir), r["problem"], ["I look. " * 6 * i + f"<answer>{r['solution']}</answer>"],
+                      proc) for i, r in enumerate(rows)]
+    assert len({len(s["ids"]) for s in samples}) == 3
+    with torch.no_grad():
+        batch = collate(samples, proc, "cpu")
+        together = token_logprobs(model, batch)
+        for j, s in enumerate(samples):
+            alone = token_logprobs(model, collate([s], proc, "cpu", multiple=1))[0]
+            assert torch.allclose(together[j, :len(s["ids"])], alone, atol=1e-5)
+        left = {k: v.clone() for k, v in batch.items()}   # the same rows padded on the left instead
+        for j, s in enumerate(samples):
+            k, n = len(s["ids"]), left["input_ids"].shape[1]
+            for key in ("input_ids", "attention_mask", "loss_mask"):
+                left[key][j] = torch.roll(batch[key][j], n - k)
+            left["position_ids"][:, j] = torch.roll(batch["position_ids"][:, j], n - k, dims=-1)
+        shifted = token_logprobs(model, left)
+        for j, s in enumerate(samples):
+            k, n = len(s["ids"]), left["input_ids"].shape[1]
+            assert torch.allclose(shifted[j, n - k + 1:], together[j, 1:k], atol=1e-4)

@@ -2,6 +2,7 @@
 small AdamW updates are not rounded away; bf16 is for the compute only (autocast on CUDA)."""
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -72,3 +73,29 @@ def test_precision_choice_sets_the_compute_dtype_on_the_cpu(tiny, probe_dir, tmp
     assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
     with pytest.raises(ValueError, match="fp16"):
         parallel.uses_bf16("cpu", "fp16")
+
+
+def test_best_precision_follows_the_cpu_and_forced_bf16_without_it_warns(tiny, monkeypatch):
+    """`best` is bf16 exactly where the hardware computes it (CUDA; a CPU with AVX-512 BF16 or
+    AMX) and float32 elsewhere; `bf16` forced on a CPU without either warns (emulated, ~20x slower)."""
+    import parallel
+    model, _ = tiny
+    assert parallel.uses_bf16("cuda", "best")
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert parallel.native_bf16("cpu") == (avx512_bf16 or amx)
+        assert parallel.uses_bf16("cpu", "best") == (avx512_bf16 or amx)
+        assert not parallel.uses_bf16("cpu", "auto") and parallel.uses_bf16("cpu", "bf16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    with pytest.warns(UserWarning, match="emulated"):
+        parallel.prepare(model, False, "bf16", parallel.World())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for precision in ("best", "fp32", "auto"):
+            parallel.prepare(model, False, precision, parallel.World())
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.prepare(model, False, "bf16", parallel.World())
