@@ -473,15 +473,17 @@ def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
                 right.append(all(p[t - 1, d["ids"][t]].item() > 0.5 for t in range(1, len(d["ids"])) if d["mask"][t]))
         assert sft.drill_accuracy(model, proc, n=12, seed=5, style=style) == pytest.approx(np.mean(right))
     vocab = model.config.text_config.vocab_size
+    lengths = [len(d["ids"]) for d in sft.drill_batch(0, 12, seed=5, processor=proc, style="compare",
+                                                      search_share=sft.DRILL_SEARCH_SHARE)]
 
     class Oracle(torch.nn.Module):   # all its mass on the drill's next token, except at the last
         device = torch.device("cpu")  # token of rows 0, 3, 6, 9, where a wrong token gets most
 
-        def forward(self, input_ids, attention_mask, **kw):
+        def forward(self, input_ids, attention_mask, **kw):   # (right-padded: attention_mask None)
             logits = torch.full((*input_ids.shape, vocab), -1e4)
             logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 0.0)
             for b in range(0, len(input_ids), 3):
-                last = int(attention_mask[b].sum()) - 2          # predicts the final labelled token
+                last = lengths[b] - 2          # predicts the final labelled token
                 logits[b, last, (input_ids[b, last + 1] + 1) % vocab] = 1.0
             return type("Out", (), {"logits": logits})()
     assert sft.drill_accuracy(Oracle(), proc, n=12, seed=5, style="compare") == pytest.approx(8 / 12)
