@@ -103,8 +103,8 @@ def prepare(model, grad_checkpointing: bool, precision: str, world: World):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kind = next(model.parameters()).device.type
     if kind == "cpu" and uses_bf16(kind, precision) and not native_bf16(kind):
-        warnings.warn("--precision bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated there, "
-                      "about 20x slower than float32; use --precision best (float32 on this CPU) or fp32",
+        warnings.warn("--precision bf16 on a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated there, several "
+                      "times slower than float32 (6.6x on one SFT step measured); use --precision best or fp32",
                       stacklevel=2)
     shard(model, world, precision)
 
@@ -118,7 +118,7 @@ PRECISION_HELP = ("the compute's precision: bf16 autocast over float32 weights (
 def native_bf16(device_type: str) -> bool:
     """Whether this machine computes bfloat16 natively: CUDA, or a CPU with AVX-512 BF16 or AMX.
     Elsewhere (AVX2 CPUs: most laptops, older servers) bf16 matrix work is emulated and measured
-    about 20x slower than float32 (NOTES.md section 17)."""
+    6.6x slower than float32 on one SFT step (NOTES.md section 17)."""
     if device_type == "cuda":
         return True
     cpu = getattr(torch, "cpu", None)

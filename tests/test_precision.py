@@ -77,7 +77,7 @@ def test_precision_choice_sets_the_compute_dtype_on_the_cpu(tiny, probe_dir, tmp
 
 def test_best_precision_follows_the_cpu_and_forced_bf16_without_it_warns(tiny, monkeypatch):
     """`best` is bf16 exactly where the hardware computes it (CUDA; a CPU with AVX-512 BF16 or
-    AMX) and float32 elsewhere; `bf16` forced on a CPU without either warns (emulated, ~20x slower)."""
+    AMX) and float32 elsewhere; `bf16` forced on a CPU without either warns (emulated, several times slower)."""
     import parallel
     model, _ = tiny
     assert parallel.uses_bf16("cuda", "best")
