@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None):
     for p in model.model.visual.parameters():      # frozen in SFT and RL: no gradient
         p.requires_grad_(False)
     apply_pixels(processor, args)
+    parallel.prepare(model, False, args.precision, parallel.World())   # (warns of an emulated bf16)
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
     questions = rl.Questions(rows, args.seed)
     groups, rollouts = collect_groups(engine, questions, Path(args.data).parent, args, max(2, own.groups))

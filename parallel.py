@@ -121,8 +121,8 @@ def native_bf16(device_type: str) -> bool:
     6.6x slower than float32 on one SFT step (NOTES.md section 17)."""
     if device_type == "cuda":
         return True
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # private: absent means no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def uses_bf16(device_type: str, precision: str) -> bool:
