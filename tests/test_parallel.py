@@ -83,9 +83,10 @@ def run_dir(tiny, probe_dir, tmp_path_factory):
 
 
 def sft_args(root: Path, out: Path) -> list[str]:
-    # batch 3 on 2 ranks: one rank takes 2 samples, the other 1 (shares of unequal size)
+    # batch 5 on 2 ranks: one rank takes 3 samples, the other 2 (shares of unequal size), each in 2
+    # runs of similar length (--length-split); one process takes its 5 in 4 runs
     return ["--data", str(root / "cs.jsonl"), "--init", str(root / "init"), "--out", str(out), "--steps", "3",
-            "--batch", "3", "--lr", "1e-3", "--save-every", "2", "--precision", "fp32"]
+            "--batch", "5", "--lr", "1e-3", "--save-every", "2", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,16 @@ def test_two_ranks_take_the_same_steps_as_one_process(two_runs):
     one, two = losses(two_runs / "one"), losses(two_runs / "two")
     assert list(two) == [1, 2, 3]
     assert [two[s] for s in two] == pytest.approx([one[s] for s in one], rel=1e-5, abs=1e-6)
-    assert max_weight_diff(two_runs / "one", two_runs / "two") < 1e-5       # the folder loads at world size 1
+    # (the folder loads at world size 1; AdamW moves a weight by about the rate whatever its gradient's
+    # size, so float rounding of near-zero gradients, summed in another order, shows at ~1e-5)
+    assert max_weight_diff(two_runs / "one", two_runs / "two") < 5e-5
     assert (two_runs / "two" / "optimizer_shards").is_dir()
     assert max_weight_diff(two_runs / "init", two_runs / "two") > 1e-4      # (and it did train)
 
 
 def test_a_killed_torchrun_resumes_on_the_same_curve(two_runs):
     killed = two_runs / "killed"
-    crashed = torchrun(two_runs, ["sft", *sft_args(two_runs, killed)], KILL_AT="3")   # dies in step 3
+    crashed = torchrun(two_runs, ["sft", *sft_args(two_runs, killed)], KILL_AT="5")   # dies in step 3 (2 forwards a step)
     assert crashed.returncode != 0 and losses(killed).keys() == {1, 2}
     done = torchrun(two_runs, ["sft", *sft_args(two_runs, killed), "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]

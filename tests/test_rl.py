@@ -111,3 +111,28 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
     before = model.state_dict()
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and not any(k.startswith("model.visual.") for k in changed)   # vision tower frozen
+
+
+def test_update_in_runs_of_similar_length_is_the_same_step(tiny, probe_dir, tmp_path):
+    """rl.update forwards each mini-batch in runs sorted by length (--length-split), each run's loss
+    divided by the whole mini-batch's kept tokens: the gradient equals one padded pass's. With plain
+    SGD at rate 1 the weights' change is minus the gradient, so the two updates must agree."""
+    import copy
+    model, proc = tiny
+    rows = read_jsonl(probe_dir / "train.jsonl")[:2]
+    groups = []
+    for row, n in zip(rows, (6, 20)):   # two questions, turns of different lengths
+        trajs = Engine(model, proc).run([Sample(load_image(row, probe_dir), row["problem"])] * 4, max_turns=2,
+                                        temperature=1.0, seed=3, max_turn_tokens=n, progress=False)
+        groups.append((trajs, [1.0, 0.0, 0.0, 1.0], [True, True, False, True]))
+    assert len({len(t.token_ids) for g in groups for t in g[0]}) > 1
+    changes, figures = {}, {}
+    for split in (1, 3):
+        m = copy.deepcopy(model)
+        args = rl.parse_args(["--length-split", str(split), "--minibatch", "8", "--group", "4"])
+        figures[split] = rl.update(m, torch.optim.SGD(m.parameters(), lr=1.0), proc, groups, args, 0, tmp_path)
+        changes[split] = {k: v - model.state_dict()[k] for k, v in m.state_dict().items()}
+    assert figures[3]["loss"] == pytest.approx(figures[1]["loss"], rel=1e-5, abs=1e-7)
+    assert figures[3]["clip_fraction"] == pytest.approx(figures[1]["clip_fraction"], abs=1e-7)
+    norm = max(v.abs().max().item() for v in changes[1].values())
+    assert norm > 0 and all(torch.allclose(changes[3][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
