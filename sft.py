@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None):
                     help="trajectories (JSONL) to train on; base records (base.py --write-data) may mix in; "
                          "a .json file is ShareGPT (the official cold-start data, collect.py --sharegpt)")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower (default: frozen)")
-    ap.add_argument("--length-split", type=POSITIVE, default=4,
+    ap.add_argument("--length-split", type=POSITIVE, default=2,
                     help="a step's trajectories, sorted by length, go through the model in this many runs, each "
                          "padded to its own longest (the same gradient, less padding; model.by_length)")
     add_drill_args(ap)

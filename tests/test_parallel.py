@@ -84,7 +84,7 @@ def run_dir(tiny, probe_dir, tmp_path_factory):
 
 def sft_args(root: Path, out: Path) -> list[str]:
     # batch 5 on 2 ranks: one rank takes 3 samples, the other 2 (shares of unequal size), each in 2
-    # runs of similar length (--length-split); one process takes its 5 in 4 runs
+    # runs of similar length (--length-split 2, the default), as does one process with all 5
     return ["--data", str(root / "cs.jsonl"), "--init", str(root / "init"), "--out", str(out), "--steps", "3",
             "--batch", "5", "--lr", "1e-3", "--save-every", "2", "--precision", "fp32"]
 
