@@ -218,8 +218,9 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
         opt.zero_grad(set_to_none=True)
         # the loss is a mean over the whole mini-batch's tokens, whichever run they are in: the runs'
         # gradients add up to the mini-batch's
-        kept = max(1.0, world.sum(sum(sum(trajs[i].sampled_mask) for r in runs for i in r if keep[i]))) / world.size
-        sampled = max(1, sum(sum(trajs[i].sampled_mask) for r in runs for i in r))
+        rows = [i for run in runs for i in run]
+        kept = max(1.0, world.sum(sum(sum(trajs[i].sampled_mask) for i in rows if keep[i]))) / world.size
+        sampled = max(1, sum(sum(trajs[i].sampled_mask) for i in rows))
         loss, clip = 0.0, 0.0
         for run, old in zip(runs, old_runs):
             # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
