@@ -109,7 +109,7 @@ def group_gradients(model, processor, group, args, params, device, halves: bool 
     n = len(trajs)
     batch = rl.as_batch(trajs, list(range(n)), processor, device)
     with parallel.autocast(model, args.precision):
-        lp = token_logprobs(model, batch, args.temperature)
+        lp = token_logprobs(model, batch, args.temperature, args.top_p)
     r, out = torch.tensor(rewards, dtype=torch.float), {}
     parts = [slice(0, n)] + ([slice(0, n // 2), slice(n // 2, n)] if halves else [])
     for arm, keep in (("mask", torch.tensor(keep_mask)), ("nomask", torch.ones(n, dtype=torch.bool))):

@@ -33,7 +33,7 @@ from data import (InputError, MAX_QUESTION_CHARS, NONNEGATIVE_FLOAT, POSITIVE, P
                   main_cli)
 from decoder import Decoder
 from runner import DecodeWindow, stop_mask
-from model import load, pick_device
+from model import load, nucleus, pick_device
 from protocol import (DEFAULT, Protocol, add_protocol_args, apply_pixels, first_answer, parse_with_preset,
                       protocol_from_args)
 
@@ -104,8 +104,9 @@ class Settings:
 class TokenChooser:
     """Each row's next token from its logits, on the logits' device: processor-only ids get a -inf
     bias (never chosen), then greedy or temperature/top-p sampling from one seeded generator; a
-    scripted (forced) token overrides the choice. The log-probability returned is that of the full
-    distribution sampled from: at the temperature (before top-p), at temperature 1 when greedy.
+    scripted (forced) token overrides the choice. The log-probability returned is that of the
+    distribution sampled from (`model.nucleus` at the temperature: rl.py trains on the same), at
+    temperature 1 when greedy; the banned ids' mass, nearly none, is not taken out of it.
     `choose` reads nothing back to the host; `__call__` is the one read per step the engine makes."""
 
     def __init__(self, banned: torch.Tensor, settings: Settings):
@@ -118,9 +119,15 @@ class TokenChooser:
             self.bias = torch.zeros(logits.shape[-1], device=logits.device)
             self.bias[self.banned.to(logits.device)] = float("-inf")
             self.gen = torch.Generator(device=logits.device).manual_seed(self.s.seed)
-        logp = F.log_softmax(logits if self.s.greedy else logits / max(self.s.temperature, 1e-6), -1)
-        allowed = logits + self.bias
-        chosen = allowed.argmax(-1) if self.s.greedy else self.sample(allowed)
+        if self.s.greedy:
+            logp = F.log_softmax(logits.float(), -1)
+            chosen = (logits + self.bias).argmax(-1)
+        else:   # the nucleus (all of it at top_p 1) of the distribution at the temperature
+            logp, drop = nucleus(F.log_softmax(logits.float() / max(self.s.temperature, 1e-6), -1), self.s.top_p)
+            keep = ~drop & (self.bias == 0)
+            keep |= ~keep.any(-1, keepdim=True) & (self.bias == 0)   # a nucleus of banned ids only: any allowed one
+            probs = logp.exp() * keep
+            chosen = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
         if any(t is not None for t in forced):
             scripted = torch.tensor([-1 if t is None else t for t in forced]).to(chosen.device, non_blocking=True)
             chosen = torch.where(scripted >= 0, scripted, chosen)
@@ -130,16 +137,6 @@ class TokenChooser:
         chosen, lp = self.choose(logits, forced)
         both = torch.stack([chosen.double(), lp.double()]).cpu().tolist()   # one read back
         return [int(t) for t in both[0]], both[1]
-
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row of [rows, vocab] logits: temperature, then top-p (nucleus) filtering."""
-        probs = F.softmax(logits.float() / max(self.s.temperature, 1e-6), -1)
-        if self.s.top_p < 1.0:
-            sorted_p, order = probs.sort(-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p >= self.s.top_p   # keep the smallest set reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -317,9 +317,27 @@ def by_length(items: list, parts: int, length=lambda s: len(s["ids"])) -> list[l
     return [ordered[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def token_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+def nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p (nucleus) sampling's distribution from log-probs [..., V]: the smallest set of most
+    likely tokens whose mass reaches `top_p` (a token is dropped when the mass of the tokens before
+    it already does), renormalised. Returns (logp - log Z, dropped [..., V] bools), Z the set's mass:
+    the first is the nucleus's log-prob for every token in the set (the engine samples only those),
+    and for a token outside it the same shift, so that a trained policy whose set no longer holds a
+    sampled token still has a finite, differentiable value. The set is chosen without gradient;
+    log Z carries one. top_p >= 1: the distribution itself, nothing dropped."""
+    if top_p >= 1.0:
+        return logp, torch.zeros_like(logp, dtype=torch.bool)
+    with torch.no_grad():
+        sorted_p, order = logp.exp().sort(-1, descending=True)
+        drop = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, sorted_p.cumsum(-1) - sorted_p >= top_p)
+    log_z = torch.logsumexp(logp.masked_fill(drop, float("-inf")), -1, keepdim=True)
+    return logp - log_z, drop
+
+
+def token_logprobs(model, batch: dict, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
     """log p(token t | tokens < t) for every position t >= 1 (position 0 gets 0): [B, L], of the
-    distribution at `temperature` (the logits divided by it), the one rl.py's rollouts sample from.
+    distribution at `temperature` (the logits divided by it), the one rl.py's rollouts sample from;
+    with `top_p` < 1, of its nucleus (`nucleus`), as the engine samples and records it.
     A right-padded batch (collate's) runs with the causal mask alone: a real token never attends to
     a later position, so it never sees the padding either, and the attention kernel can skip the
     blocks above the diagonal (a long SFT step measured 25-30% faster on the CPU); the padding
@@ -331,5 +349,6 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor
                 position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"))
     logits = out.logits[:, :-1].float() / temperature
-    lp = torch.gather(F.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
+    logp, _ = nucleus(F.log_softmax(logits, -1), top_p)
+    lp = torch.gather(logp, 2, batch["input_ids"][:, 1:, None])[..., 0]
     return F.pad(lp, (1, 0))

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from common import grade
 import parallel
-from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, RATE, SHARE, append_jsonl, flag, load_image, main_cli,
-                  read_records, select_levels)
+from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SHARE, append_jsonl, flag, load_image,
+                  main_cli, read_records, select_levels)
 from eval import judge
 from infer import Engine, Sample, Settings
 from model import by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run, token_logprobs
@@ -140,7 +140,7 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
             break
         qs = questions.take(P - len(groups))
         seed = args.seed * 100_003 + step * 101 + attempt + rank * 1_000_003
-        settings = Settings(max_turns=args.max_turns, temperature=args.temperature, seed=seed,
+        settings = Settings(max_turns=args.max_turns, temperature=args.temperature, top_p=args.top_p, seed=seed,
                             max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
                             max_images=args.max_images, protocol=args.protocol)
         samples = [Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)]
@@ -161,11 +161,12 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
     return groups, stats, tried, dropped
 
 
-def kl_penalty(ref, batch, lp, temperature: float = 1.0, n_tokens: float | None = None) -> torch.Tensor:
+def kl_penalty(ref, batch, lp, temperature: float = 1.0, n_tokens: float | None = None,
+               top_p: float = 1.0) -> torch.Tensor:
     """k3 estimate of KL(policy || reference) over the sampled tokens (off unless --kl > 0), both at
-    the sampling temperature; a mean over `n_tokens` (default: this batch's sampled tokens)."""
+    the sampling temperature and top-p; a mean over `n_tokens` (default: this batch's sampled tokens)."""
     with torch.no_grad():
-        ref_lp = token_logprobs(ref, batch, temperature)
+        ref_lp = token_logprobs(ref, batch, temperature, top_p)
     d = ref_lp - lp
     m = batch["loss_mask"].float()
     return ((torch.exp(d) - d - 1) * m).sum() / (m.sum().clamp(min=1) if n_tokens is None else n_tokens)
@@ -210,8 +211,8 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
               for idx in minibatches(order, size, world, len(trajs) - 1)]
     model.eval()
     with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
-        olds = [[token_logprobs(model, as_batch(trajs, run, processor, device), args.temperature) for run in runs]
-                for runs in chunks]
+        olds = [[token_logprobs(model, as_batch(trajs, run, processor, device), args.temperature, args.top_p)
+                 for run in runs] for runs in chunks]
     model.train()
     losses, clips, n_tok, gap = [], [], 0, [0.0, 0]
     for runs, old_runs in zip(chunks, olds):
@@ -246,10 +247,10 @@ def loss_of_run(model, batch, old, adv, keep, counts, args, ref=None):
     """One run's policy loss (and clip fraction) at the sampling temperature, with the KL penalty
     if --kl; `counts` = (kept, sampled): the mini-batch's token counts the means divide by."""
     with parallel.autocast(model, args.precision):
-        lp = token_logprobs(model, batch, args.temperature)   # the policy that sampled: same temperature
+        lp = token_logprobs(model, batch, args.temperature, args.top_p)   # the policy that sampled
     loss, clip = policy_loss(lp, old, adv, batch["loss_mask"], keep, args.clip_low, args.clip_high, counts[0])
     if ref is not None:
-        loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature, counts[1])
+        loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature, counts[1], args.top_p)
     return loss, clip
 
 
@@ -298,6 +299,9 @@ def parse_args(argv=None):
     ro.add_argument("--max-total-tokens", type=POSITIVE, default=4096, help="the whole conversation")
     ro.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
     ro.add_argument("--temperature", type=RATE, default=1.0, help="of the rollouts, and of the log-probs trained on")
+    ro.add_argument("--top-p", type=PROBABILITY, default=1.0,
+                    help="sample the rollouts from the nucleus of this mass, and train on its log-probs "
+                         "(model.nucleus; 1: the whole distribution, as the paper)")
     ro.add_argument("--max-batch", type=POSITIVE, default=32, help="engine rows at a time")
     ro.add_argument("--rollout-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the engine's weights (auto: bfloat16 on CUDA, float32 on the CPU)")

@@ -179,7 +179,8 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
 @pytest.mark.parametrize("argv, flag", [
     (["rl", "--max-turns", "0"], "--max-turns"), (["rl", "--temperature", "-1"], "--temperature"),
     (["sft", "--lr", "-1"], "--lr"), (["eval", "--turn-caps", "0"], "--turn-caps"),
-    (["infer", "--top-p", "0"], "--top-p"), (["rl", "--group", "0"], "--group"), (["rl", "--group", "1"], "--group"),
+    (["infer", "--top-p", "0"], "--top-p"), (["rl", "--top-p", "1.5"], "--top-p"),
+    (["rl", "--group", "0"], "--group"), (["rl", "--group", "1"], "--group"),
     (["sft", "--batch", "0"], "--batch"), (["sft", "--save-every", "0"], "--save-every"),
     (["rl", "--steps", "0"], "--steps"), (["eval", "--samples", "0"], "--samples"),
     (["collect", "--max-share", "0"], "--max-share"), (["sft", "--lr", "nan"], "--lr"),

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import decoder
+from model import nucleus
 from common import encode_chunk
 from infer import Engine, Sample, Settings, TokenChooser
 import world
@@ -31,6 +32,33 @@ def test_sampler_matches_softmax_in_distribution():
         assert chi2 < 22.5, (temperature, top_p, chi2)   # df <= 5, p = 0.0004
 
 
+def test_nucleus_equals_a_loop_over_sorted_tokens():
+    """model.nucleus against the definition worked token by token: walk the tokens from the most
+    likely, stop once the mass taken reaches top_p, renormalise what was taken."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 12) * 2
+    logits[4] = 0.0                                       # ties: any order among them takes the same mass
+    for top_p in (0.3, 0.8, 0.999, 1.0):
+        x = logits.clone().requires_grad_(True)
+        shifted, drop = nucleus(torch.log_softmax(x, -1), top_p)
+        for r in range(len(logits)):
+            p = torch.softmax(logits[r], -1).numpy().astype(np.float64)
+            taken, mass = [], 0.0
+            for i in np.argsort(-p, kind="stable"):
+                if mass >= top_p:
+                    break
+                taken.append(i)
+                mass += p[i]
+            assert sorted(np.flatnonzero(~drop[r].numpy())) == sorted(taken) or r == 4
+            assert (~drop[r]).sum() == len(taken)
+            kept = ~drop[r]
+            want = np.log(p[kept.numpy()] / p[kept.numpy()].sum())
+            assert np.allclose(shifted[r][kept].detach().numpy(), want, atol=1e-5)
+        shifted.gather(1, torch.zeros(5, 1, dtype=torch.long)).sum().backward()
+        assert torch.isfinite(x.grad).all()
+    assert not nucleus(torch.log_softmax(logits, -1), 1.0)[1].any()
+
+
 def test_sampler_never_emits_a_banned_id_and_is_seeded():
     logits = torch.zeros(500, 8)
     logits[:, 3] = 10.0                       # the banned id is by far the most likely
@@ -39,6 +67,9 @@ def test_sampler_never_emits_a_banned_id_and_is_seeded():
         tokens, lps = TokenChooser(torch.tensor([3]), s).choose(logits)
         assert not (tokens == 3).any()
         assert torch.allclose(lps, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+    # a nucleus that holds only the banned id: an allowed one is drawn instead, never a crash
+    tokens, _ = TokenChooser(torch.tensor([3]), Settings(top_p=0.5, seed=7)).choose(logits)
+    assert not (tokens == 3).any()
     a = TokenChooser(torch.tensor([3]), Settings(seed=7)).choose(logits)[0]
     b = TokenChooser(torch.tensor([3]), Settings(seed=7)).choose(logits)[0]
     c = TokenChooser(torch.tensor([3]), Settings(seed=8)).choose(logits)[0]

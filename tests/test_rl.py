@@ -66,18 +66,20 @@ def test_policy_loss_matches_hand_computation_and_masked_rows_get_no_gradient():
     assert torch.isfinite(l3) and torch.all(lp3.grad[2] == 0)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_engine_old_logprobs_equal_training_forward(tiny, probe_dir, temperature):
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.0, 0.7)])
+def test_engine_old_logprobs_equal_training_forward(tiny, probe_dir, temperature, top_p):
     """The engine's log-prob of each sampled token is the training forward's at the sampling
-    temperature, so the ratio of rl.py's loss compares the policy with the one that sampled."""
+    temperature and top-p, so the ratio of rl.py's loss compares the policy with the one that sampled."""
     model, proc = tiny
     row = read_jsonl(probe_dir / "train.jsonl")[0]
     trajs = Engine(model, proc).run([Sample(load_image(row, probe_dir), row["problem"])] * 3, max_turns=2,
-                                    temperature=temperature, seed=5, max_turn_tokens=24, progress=False)
+                                    temperature=temperature, top_p=top_p, seed=5, max_turn_tokens=24, progress=False)
     batch = collate([{"ids": t.token_ids, "mask": t.sampled_mask, "shown": t.shown} for t in trajs], proc, "cpu")
     with torch.no_grad():
-        lp = token_logprobs(model, batch, temperature)
-        assert not torch.allclose(lp, token_logprobs(model, batch, temperature / 2))
+        lp = token_logprobs(model, batch, temperature, top_p)
+        assert not torch.allclose(lp, token_logprobs(model, batch, temperature / 2, top_p))
+        if top_p < 1:   # the nucleus's log-probs, not the whole distribution's
+            assert not torch.allclose(lp, token_logprobs(model, batch, temperature))
     for j, t in enumerate(trajs):
         idx = [i for i, m in enumerate(t.sampled_mask) if m]
         assert torch.allclose(lp[j, idx], torch.tensor([t.logprobs[i] for i in idx]), atol=1e-4)
