@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from common import PLAIN_SYSTEM_PROMPT, grade, normalise
-from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, atomic_path, load_image, main_cli,
+from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, atomic_path, load_image, main_cli,
                   read_records, turn_caps, write_jsonl)
 import report
 from infer import Engine, Sample, Settings, draw_search
@@ -333,6 +333,7 @@ def parse_args(argv=None):
     gen.add_argument("--samples", type=POSITIVE, default=1, help="rollouts per question (Avg@K)")
     gen.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 1.0)")
     gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    gen.add_argument("--top-p", type=PROBABILITY, default=1.0, help="sample from the nucleus of this mass")
     gen.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
     gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192)
     gen.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
@@ -354,8 +355,8 @@ def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
                             getattr(torch, args.dtype))
     apply_pixels(processor, args)
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
-    settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, seed=args.seed,
-                        max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
+    settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
                         max_images=args.max_images, protocol=args.protocol)
     loader = lambda r: (lambda: load_image(r, root))   # called when the question enters the batch
     samples = [Sample(loader(r), r["problem"]) for r in rows for _ in range(args.samples)]
@@ -403,6 +404,7 @@ def main(argv: list[str] | None = None):
     trajs = rollout(args, rows, root, caps)
     res = summarise(trajs, caps)
     res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,
+                "temperature": args.temperature, "top_p": args.top_p,
                 "turn_caps": caps, "seconds": round(time.time() - t0, 1),
                 "protocol": {"preset": args.preset, "prompts": args.prompts, "numbering": args.numbering,
                              "parser": args.parser, "answer": args.answer, "judge_prompt": args.judge_prompt}})
