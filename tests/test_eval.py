@@ -145,7 +145,8 @@ def test_report_page_is_well_formed_and_holds_every_trajectory_and_the_numbers(t
     model, proc = tiny
     save_checkpoint(model, proc, tmp_path / "ck")
     res = ev.main(["--model", str(tmp_path / "ck"), "--data", str(probe_dir / "test.jsonl"), "--out", str(tmp_path / "a"),
-                   "--turn-caps", "1,2", "--samples", "2", "--max-turn-tokens", "12"])
+                   "--turn-caps", "1,2", "--samples", "2", "--max-turn-tokens", "12", "--top-p", "0.9"])
+    assert (res["temperature"], res["top_p"], res["greedy"]) == (1.0, 0.9, False)
     page = (tmp_path / "a" / "report.html").read_text(encoding="utf-8")
     root = ET.fromstring(page.split("\n", 1)[1])            # well-formed XHTML (after the DOCTYPE line)
     ns = {"h": "http://www.w3.org/1999/xhtml"}
