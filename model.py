@@ -317,19 +317,24 @@ def by_length(items: list, parts: int, length=lambda s: len(s["ids"])) -> list[l
     return [ordered[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus(logp: torch.Tensor, top_p: float, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p (nucleus) sampling's distribution from log-probs [..., V]: the smallest set of most
     likely tokens whose mass reaches `top_p` (a token is dropped when the mass of the tokens before
     it already does), renormalised. Returns (logp - log Z, dropped [..., V] bools), Z the set's mass:
     the first is the nucleus's log-prob for every token in the set (the engine samples only those),
     and for a token outside it the same shift, so that a trained policy whose set no longer holds a
     sampled token still has a finite, differentiable value. The set is chosen without gradient;
-    log Z carries one. top_p >= 1: the distribution itself, nothing dropped."""
+    log Z carries one. top_p >= 1: the distribution itself, nothing dropped. The set is found `rows`
+    positions at a time, so a trainer's [B, L, V] at a large vocabulary never sorts in one piece."""
     if top_p >= 1.0:
         return logp, torch.zeros_like(logp, dtype=torch.bool)
-    with torch.no_grad():
-        sorted_p, order = logp.exp().sort(-1, descending=True)
-        drop = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, sorted_p.cumsum(-1) - sorted_p >= top_p)
+    flat = logp.detach().reshape(-1, logp.shape[-1])
+    drop = torch.zeros_like(flat, dtype=torch.bool)
+    with torch.no_grad():   # a sort's values and order cost 12 bytes a vocabulary entry: a few rows at a time
+        for a in range(0, len(flat), rows):
+            sorted_p, order = flat[a:a + rows].exp().sort(-1, descending=True)
+            drop[a:a + rows] = drop[a:a + rows].scatter(-1, order, sorted_p.cumsum(-1) - sorted_p >= top_p)
+    drop = drop.view(logp.shape)
     log_z = torch.logsumexp(logp.masked_fill(drop, float("-inf")), -1, keepdim=True)
     return logp - log_z, drop
 

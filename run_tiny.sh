@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
 # Starts from the committed tiny base (checkpoints/tiny-base). About 30 minutes on 2 CPU cores with
-# AVX-512 BF16 or AMX (--precision best computes in bf16 there), 73 minutes on 2 AVX2-only cores
+# AVX-512 BF16 or AMX (--precision best computes in bf16 there; 28.5 measured), 73 on 2 AVX2-only cores
 # (float32: bf16 is emulated there, several times slower; see the README).
 # --overwrite: a rerun replaces the previous run's checkpoints and results (without it they are refused).
 # Ends by printing the paths of the report pages (open them in a browser).

@@ -41,6 +41,7 @@ def test_nucleus_equals_a_loop_over_sorted_tokens():
     for top_p in (0.3, 0.8, 0.999, 1.0):
         x = logits.clone().requires_grad_(True)
         shifted, drop = nucleus(torch.log_softmax(x, -1), top_p)
+        assert torch.equal(nucleus(torch.log_softmax(logits, -1), top_p, rows=2)[1], drop)   # found in pieces
         for r in range(len(logits)):
             p = torch.softmax(logits[r], -1).numpy().astype(np.float64)
             taken, mass = [], 0.0
