@@ -104,8 +104,9 @@ def list_steps(t: dict) -> tuple[int, int]:
 
 def diagnose(t: dict) -> dict:
     """Why one trajectory ended as it did: `outcome`, one of OUTCOMES (the first that applies), and
-    flags: was the target ever seen readable, did the opening list of candidates hold it, how many
-    zooms repeated an earlier box, how many calls were invalid."""
+    flags: was the target ever seen readable, did the search open with a list of candidates (two
+    boxes or more in its first thought; else a direct guess, one box) and did that list hold the
+    target, how many zooms repeated an earlier box, how many calls were invalid."""
     target, crops = t.get("target_bbox"), t["crops"]
     saw = target is not None and any(seen(target, c) for c in crops)
     objects = t.get("objects") or []
@@ -134,7 +135,8 @@ def diagnose(t: dict) -> dict:
         outcome = ("named another object in view" if named_other else "saw the target, answered wrong" if saw
                    else "answered without seeing the target")
     listed_turns, followed = list_steps(t)
-    return {"outcome": outcome, "saw_target": saw, "list_has_target": has_target,
+    return {"outcome": outcome, "saw_target": saw, "opens_with_list": len(listed) >= 2,
+            "list_has_target": has_target,
             "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"],
             "listed_turns": listed_turns, "followed": followed, **verdicts}
 
@@ -173,6 +175,7 @@ def failure_table(trajs: list[dict]) -> dict:
         shares = {o: sum(x["outcome"] == o for x in ds) / len(ds) for o in OUTCOMES}
         out[d] = {"n": len(ds), "outcomes": shares,
                   "saw_target": float(np.mean([x["saw_target"] for x in ds])),
+                  "opens_with_list": float(np.mean([x["opens_with_list"] for x in ds])),
                   "list_has_target": float(np.mean(listed)) if listed else None,
                   "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
                   "invalid_calls": float(np.mean([x["invalid_calls"] > 0 for x in ds]))}
@@ -193,7 +196,8 @@ def print_failures(table: dict):
     for flag in report.FLAGS:
         cells = ["      -  " if r.get(flag) is None else f"{r[flag]:9.2f}" for r in table.values()]
         print(f"{flag.replace('_', ' '):36}" + "".join(cells))
-    print("(zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first\n"
+    print("(opens with list: the first thought lists two boxes or more, not one direct guess;\n"
+          " zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first\n"
           " or last box (the ledger steps from the front, the backward ledger from the end);\n"
           " target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"
           " after which the search answered; crops: " + ", ".join(

@@ -80,6 +80,11 @@ def test_failure_analysis_says_why_each_search_ended():
         "list_has_target"] is True
     assert ev.diagnose(_search("3", [], first="The red objects: [0.5, 0.5, 0.625, 0.625]."))["list_has_target"] is False
     assert ev.diagnose(_search("3", []))["list_has_target"] is None
+    # the opening: a list of two boxes or more, or a direct guess of one
+    assert ev.diagnose(_search("3", [], first="The red objects: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625]."))[
+        "opens_with_list"] is True
+    assert ev.diagnose(_search("3", [], first="The red square is at [0.0, 0.0, 0.125, 0.125]."))[
+        "opens_with_list"] is False
     # a model's broken boxes ("[., ., ., .]", seen from an untrained policy) are no boxes, never a crash
     broken = _search("3", [], first="The red objects: [., ., ., .], [0.0, 0.0, .125, .125].")
     assert ev.listed_boxes("The red objects: [., ., ., .], [0.0, 0.0, .125, .125].") == [[0.0, 0.0, 0.125, 0.125]]
@@ -88,6 +93,10 @@ def test_failure_analysis_says_why_each_search_ended():
     table = ev.failure_table(list(cases.values()))
     assert table["hard"]["n"] == 7 and table["hard"]["outcomes"]["named another object in view"] == pytest.approx(1 / 7)
     assert table["all"]["saw_target"] == pytest.approx(3 / 7)
+    two = "The red objects: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625]."
+    one = "The red square is at [0.5, 0.5, 0.625, 0.625]."
+    openings = ev.failure_table([_search("3", [], first=two), _search("3", [], first=one), _search("3", [])])
+    assert openings["hard"]["opens_with_list"] == pytest.approx(1 / 3)
 
 
 def test_zoom_follows_list_compares_each_call_with_the_ends_of_the_list_its_thought_wrote():
