@@ -330,10 +330,9 @@ def nucleus(logp: torch.Tensor, top_p: float, rows: int = 256) -> tuple[torch.Te
         return logp, torch.zeros_like(logp, dtype=torch.bool)
     flat = logp.detach().reshape(-1, logp.shape[-1])
     drop = torch.zeros_like(flat, dtype=torch.bool)
-    with torch.no_grad():   # a sort's values and order cost 12 bytes a vocabulary entry: a few rows at a time
-        for a in range(0, len(flat), rows):
-            sorted_p, order = flat[a:a + rows].exp().sort(-1, descending=True)
-            drop[a:a + rows] = drop[a:a + rows].scatter(-1, order, sorted_p.cumsum(-1) - sorted_p >= top_p)
+    for a in range(0, len(flat), rows):   # a sort's values and order cost 12 bytes a vocabulary entry
+        sorted_p, order = flat[a:a + rows].exp().sort(-1, descending=True)
+        drop[a:a + rows].scatter_(-1, order, sorted_p.cumsum(-1) - sorted_p >= top_p)
     drop = drop.view(logp.shape)
     log_z = torch.logsumexp(logp.masked_fill(drop, float("-inf")), -1, keepdim=True)
     return logp - log_z, drop
