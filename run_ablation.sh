@@ -5,8 +5,8 @@
 # Each RL arm is trained once per seed and evaluated greedily at turn caps 1-16; ablation.py then
 # prints one table (accuracy ± standard error, questions and seeds resampled), the differences that
 # the paper claims, and draws <out>/ablation.png. Two regimes (run bash run_tiny.sh first):
-#   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, every question);
-#     out: runs/ablation. SEEDS="0 1 2" (default) about 60 minutes on 2 CPU cores; SEEDS="0" 20.
+#   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, hard questions, T 0.7);
+#     out: runs/ablation. SEEDS="0 1 2" (default) 1-2 hours on 2 CPU cores; SEEDS="0" 25-40 minutes.
 #   REGIME=hard: NOTES.md section 13's: SFT on numbered-list trajectories (collect --thoughts
 #     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
 #     minutes), then RL on hard questions only, 40 steps at temperature 0.7, where masking acts on
@@ -27,7 +27,7 @@ REGIME=${REGIME:-tiny}
 ON_HARD="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # hard and long
 case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
-        DEFAULT_RL="--steps 20 --questions 4 --group 8 --lr 2e-4 --precision best" ;;
+        DEFAULT_RL="--steps 20 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 1e-4 --precision best" ;;
   hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
         DEFAULT_RL="$ON_HARD --lr 1e-4" ;;
   long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
-# Starts from the committed tiny base (checkpoints/tiny-base). About 30 minutes on 2 CPU cores with
-# AVX-512 BF16 or AMX (--precision best computes in bf16 there; 28.5 measured), 73 on 2 AVX2-only cores
-# (float32: bf16 is emulated there, several times slower; see the README).
+# Starts from the committed tiny base (checkpoints/tiny-base). 20-35 minutes on 2 CPU cores with
+# AVX-512 BF16 or AMX (--precision best computes in bf16 there), depending on the CPU; over an hour on
+# 2 AVX2-only cores (float32: bf16 is emulated there, several times slower; see the README).
+# SFT takes small batches (4) for many steps (800): the same data and cost as 8 x 400, twice the
+# updates, and twice the accuracy on hard (NOTES.md section 21). RL trains on hard questions only,
+# at temperature 0.7: on every level RL turns the hard search into a one-zoom guess (sections 19, 21).
 # --overwrite: a rerun replaces the previous run's checkpoints and results (without it they are refused).
 # Ends by printing the paths of the report pages (open them in a browser).
 set -euo pipefail
@@ -15,10 +18,11 @@ python make_probe.py --out runs/tiny/probe --n-train 2400 --n-test 300 --seed 1
 stage "1. cold-start trajectories (explorer teacher)"
 python collect.py --data runs/tiny/probe/train.jsonl --out runs/tiny/coldstart.jsonl --thoughts chain-compare
 stage "2. supervised fine-tuning from the tiny base"
-python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 400 --batch 8 --lr 1e-3 \
-  --verdict-drills 8 --verdict-style compare --drill-weight 0.5 --precision best --overwrite
+python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/sft --steps 800 --batch 4 --lr 1e-3 \
+  --verdict-drills 4 --verdict-style compare --drill-weight 0.5 --precision best --overwrite
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
-python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 --lr 2e-4 --precision best --overwrite
+python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 \
+  --levels hard --temperature 0.7 --lr 1e-4 --precision best --overwrite
 stage "4. evaluation: turn caps 1-16 on the test split"
 python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy --overwrite
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite
