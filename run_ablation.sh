@@ -24,14 +24,14 @@ cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
 TEST=runs/ablation/test        # both regimes: the same questions
 REGIME=${REGIME:-tiny}
-ON_HARD="--steps 40 --questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # hard and long
+ON_HARD="--questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # every regime
 case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
-        DEFAULT_RL="--steps 20 --questions 4 --group 8 --levels hard --temperature 0.7 --lr 1e-4 --precision best" ;;
+        DEFAULT_RL="$ON_HARD --steps 20 --lr 1e-4" ;;   # run_tiny.sh's RL
   hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
-        DEFAULT_RL="$ON_HARD --lr 1e-4" ;;
+        DEFAULT_RL="$ON_HARD --steps 40 --lr 1e-4" ;;
   long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
-        DEFAULT_RL="$ON_HARD --lr 5e-5" ;;
+        DEFAULT_RL="$ON_HARD --steps 40 --lr 5e-5" ;;
   *) echo "REGIME must be tiny, hard or long, not '$REGIME'"; exit 1 ;;
 esac
 RL_FLAGS=${RL_FLAGS:-$DEFAULT_RL}
