@@ -4,7 +4,7 @@
 #   SFT alone | RL with over-turn masking | RL without it | RL straight from the base (no cold start)
 # Each RL arm is trained once per seed and evaluated greedily at turn caps 1-16; ablation.py then
 # prints one table (accuracy ± standard error, questions and seeds resampled), the differences that
-# the paper claims, and draws <out>/ablation.png. Two regimes (run bash run_tiny.sh first):
+# the paper claims, and draws <out>/ablation.png. Three regimes (run bash run_tiny.sh first):
 #   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, hard questions, T 0.7);
 #     out: runs/ablation. SEEDS="0 1 2" (default) 1-2 hours on 2 CPU cores; SEEDS="0" 25-40 minutes.
 #   REGIME=hard: NOTES.md section 13's: SFT on numbered-list trajectories (collect --thoughts
@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"0 1 2"}
-TEST=runs/ablation/test        # both regimes: the same questions
+TEST=runs/ablation/test        # every regime: the same questions
 REGIME=${REGIME:-tiny}
 ON_HARD="--questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # every regime
 case $REGIME in
