@@ -93,6 +93,7 @@ def test_bad_arms_are_named(tmp_path):
 @pytest.mark.parametrize("env, message", [
     ({"REGIME": "bad"}, "REGIME must be tiny, hard or long, not 'bad'"),
     ({"REGIME": "long", "ARMS": "mask foo"}, "ARMS: unknown arm 'foo' (mask, nomask, nocold)"),
+    ({"LANES": "0"}, "LANES must be a whole number of 1 or more, not '0'"),
 ])
 def test_run_ablation_refuses_bad_settings_before_any_work(tmp_path, env, message):
     """run_ablation.sh checks REGIME and ARMS before it deletes, makes or trains anything."""
@@ -108,3 +109,58 @@ def test_run_ablation_refuses_bad_settings_before_any_work(tmp_path, env, messag
     assert message in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_ablation.sh", "runs"]   # nothing made
     assert all(f.exists() for f in kept)                                                # nothing lost
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python: records the call and its thread setting; eval.py leaves a results.json
+echo "${OMP_NUM_THREADS:-unset} $*" >> "$CALLS"
+[ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]] && exit 1
+out=""; prev=""; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+case $1 in eval.py|make_probe.py) mkdir -p "$out"; [ $1 = eval.py ] && echo {} > "$out/results.json" ;; esac
+exit 0
+"""
+
+
+def fake_run_ablation(tmp_path, **env):
+    """run_ablation.sh in tmp_path with FAKE_PYTHON as python: (result, [(threads, args) per call])."""
+    script = tmp_path / "run_ablation.sh"
+    shutil.copy(Path(__file__).parents[1] / "run_ablation.sh", script)
+    for f in ("runs/tiny/probe/train.jsonl", "runs/tiny/sft/model.safetensors"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(FAKE_PYTHON)
+    (bin_ / "python").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), **env}
+    env.pop("OMP_NUM_THREADS", None)
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    return res, [ln.split(" ", 1) for ln in calls.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("lanes", ["1", "2"])
+def test_run_ablation_runs_every_arm_and_seed_once_in_any_number_of_lanes(tmp_path, lanes):
+    """LANES=2 splits the (arm, seed) runs over two lanes, each on half the cores; LANES=1 keeps
+    them in one on all cores. Either way each is trained and evaluated once, and the table reads all."""
+    res, lines = fake_run_ablation(tmp_path, LANES=lanes, SEEDS="0 1 2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rl = sorted(args.split("--out ")[1].split()[0] for _, args in lines if args.startswith("rl.py"))
+    assert rl == sorted(f"runs/ablation/rl_{a}_s{s}" for a in ("mask", "nomask", "nocold") for s in range(3))
+    evals = [args for _, args in lines if args.startswith("eval.py")]
+    assert len(evals) == 10 and len(set(evals)) == 10                    # the SFT model and 9 RL models
+    threads = {t for t, args in lines if args.startswith("rl.py")}
+    assert threads == ({"unset"} if lanes == "1" else {str(max(1, len(os.sched_getaffinity(0)) // 2))})
+    table = next(args for _, args in lines if args.startswith("ablation.py"))
+    assert table.count("--arm") == 4 and "eval_nocold_s0,runs/ablation/eval_nocold_s1" in table
+    if lanes == "2":
+        assert (tmp_path / "runs/ablation/lane0.log").read_text() and (tmp_path / "runs/ablation/lane1.log").read_text()
+
+
+def test_run_ablation_fails_when_a_lane_fails_and_the_other_lane_finishes(tmp_path):
+    res, lines = fake_run_ablation(tmp_path, LANES="2", SEEDS="0 1", FAIL_ON="rl_nomask_s0")
+    assert res.returncode == 1 and "a lane failed" in res.stdout
+    assert not any(args.startswith("ablation.py") for _, args in lines)          # no table from a part
+    rl = sorted(args.split("--out ")[1].split()[0].split("/")[-1] for _, args in lines if args.startswith("rl.py"))
+    # lane 0: mask s0, nocold s0, nomask s1, all run; lane 1: nomask s0 failed, so mask s1 and nocold s1 never started
+    assert rl == ["rl_mask_s0", "rl_nocold_s0", "rl_nomask_s0", "rl_nomask_s1"]
