@@ -37,7 +37,7 @@ import rl
 from data import InputError, POSITIVE, atomic_path, main_cli, read_records, select_levels
 from eval import line_plot
 from infer import Engine
-from model import load, seed_everything, token_logprobs
+from model import language_module, load, seed_everything, token_logprobs
 from protocol import apply_pixels, protocol_from_args
 
 ARMS = ("mask", "nomask")
@@ -95,6 +95,15 @@ def question_split(sum_sq: float, norms_sq: float, same: list[float], k: int) ->
             "across_questions": float(across), "shared_share": float(across / mean) if mean > 0 else None}
 
 
+def module_slices(named: list[tuple[str, torch.Tensor]]) -> dict[str, list[slice]]:
+    """Where each module's parameters lie in the flat gradient (_flat's order)."""
+    out, at = {}, 0
+    for name, p in named:
+        out.setdefault(language_module(name), []).append(slice(at, at + p.numel()))
+        at += p.numel()
+    return out
+
+
 def _flat(loss, params, retain: bool) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
@@ -150,9 +159,10 @@ def measure(model, processor, groups, args) -> tuple[dict, dict]:
     g_i(mask) . g_j(nomask)); and, from each group's halves, what question_split needs (a running
     sum, so the halves are not kept)."""
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     k, n = len(groups), sum(p.numel() for p in params)
-    grads = {a: torch.empty(k, n) for a in ARMS}
+    grads = {a: torch.empty(k, n, dtype=torch.float64) for a in ARMS}   # (float64: a Gram entry sums 10^6 products)
     halves = {a: {"sum": torch.zeros(n, dtype=torch.float64), "norms_sq": 0.0, "same": []} for a in ARMS}
     model.train()
     for i, group in enumerate(tqdm(groups, desc="gradients", dynamic_ncols=True)):
@@ -164,10 +174,20 @@ def measure(model, processor, groups, args) -> tuple[dict, dict]:
             halves[a]["norms_sq"] += float(h0.double() @ h0.double() + h1.double() @ h1.double())
             halves[a]["same"].append(float(h0.double() @ h1.double()))
     model.eval()
-    gram = {key: (grads[a] @ grads[b].T).double().numpy()
+    gram = {key: (grads[a] @ grads[b].T).numpy()
             for key, a, b in (("mask", "mask", "mask"), ("nomask", "nomask", "nomask"), ("cross", "mask", "nomask"))}
     split = {a: question_split(float(h["sum"] @ h["sum"]), h["norms_sq"], h["same"], k) for a, h in halves.items()}
+    gram["modules"] = {m: {"params": sum(s.stop - s.start for s in sl),
+                           **{a: sum(grads[a][:, s] @ grads[a][:, s].T for s in sl).numpy() for a in ARMS}}
+                       for m, sl in module_slices(named).items()}
     return gram, split
+
+
+def _scale(gram: np.ndarray, seed: int) -> dict:
+    """noise_scale with its bootstrap interval and the 95% lower bound on B_noise (None: no bound)."""
+    res = {**noise_scale(gram), "snr_per_group_95": bootstrap_snr(gram, seed=seed)}
+    res["B_noise_95_low"] = 1 / res["snr_per_group_95"][1] if res["snr_per_group_95"][1] > 0 else None
+    return res
 
 
 def summarise(gram: dict, split: dict, groups, rollouts, args) -> dict:
@@ -176,10 +196,11 @@ def summarise(gram: dict, split: dict, groups, rollouts, args) -> dict:
            "share_exceeded": float(np.mean([t.exceeded for t, _, _ in rollouts])),
            "kept_rows_with_masking": float(np.mean([k for g in groups for k in g[2]]))}
     for a in ARMS:
-        res[a] = {**noise_scale(gram[a]), "snr_per_group_95": bootstrap_snr(gram[a], seed=args.seed)}
+        res[a] = _scale(gram[a], args.seed)
         res[a]["signal_share_at"] = {str(b): 1 / (1 + res[a]["B_noise"] / b) for b in (args.questions, 256)}
-        res[a]["B_noise_95_low"] = 1 / res[a]["snr_per_group_95"][1] if res[a]["snr_per_group_95"][1] > 0 else None
         res[a]["question_split"] = split[a]
+    res["modules"] = {m: {"params": g["params"], **{a: _scale(g[a], args.seed) for a in ARMS}}
+                      for m, g in gram["modules"].items()}
     # the cosine of two signals means something only where both are measured (95% intervals above 0)
     measured = all(res[a]["snr_per_group_95"][0] > 0 for a in ARMS)
     res["cos_true_mask_nomask"] = arms_correlation(gram["cross"], res["mask"]["signal"], res["nomask"]["signal"]) \
@@ -199,6 +220,31 @@ def draw(res: dict, path: Path):
                 series[name] = {str(e): 2 ** e * s / (1 + 2 ** e * s) for e in range(13)}
     line_plot(series, path, f"GRPO: share of a step's gradient that is signal ({res['groups']} groups measured)",
               xlabel=f"log2 of groups of {res['group_size']} rollouts a step (2: 4, 8: 256)")
+
+
+def _low(r: dict) -> str:
+    return f"{r['B_noise_95_low']:.0f}" if r["B_noise_95_low"] else "inf"
+
+
+def report(res: dict):
+    """The figures on the terminal: both arms, then each module's B_noise (what a run that trained
+    that module alone would face), largest signal per group first."""
+    print(f"{res['groups']} groups of {res['group_size']} ({res['rollouts']} rollouts, accuracy "
+          f"{res['rollout_accuracy']:.2f}, {res['share_exceeded']:.2f} reached the turn limit)")
+    for a in ARMS:
+        r, q = res[a], res[a]["question_split"]
+        print(f"{a:7s} B_noise {r['B_noise']:.3g} groups (95%: above {_low(r)}); signal/noise of one group "
+              f"{r['snr_per_group']:.2e} (95% {r['snr_per_group_95'][0]:.2e} .. {r['snr_per_group_95'][1]:.2e}); "
+              "share of a step that is signal: " + ", ".join(f"{s:.3f} at {b} groups" for b, s in r["signal_share_at"].items()))
+        print(f"{'':7s} halves' |h|^2 {q['half_norm_sq']:.3g}; halves of one question agree {q['same_question']:.3g} "
+              f"± {q['same_question_se']:.2g}, of different questions {q['across_questions']:.3g}")
+    cos = res["cos_true_mask_nomask"]
+    print("cos(true gradient with masking, without): " + (f"{cos:.2f}" if cos is not None else
+                                                          "not measured (a signal's interval reaches 0)"))
+    print(f"{'module':16s} {'params':>9s} | {'B_noise, masking (95%: above)':>30s} | {'no masking':>22s}")
+    for m, r in sorted(res["modules"].items(), key=lambda kv: -kv[1]["mask"]["snr_per_group"]):
+        cells = [f"{r[a]['B_noise']:.3g} ({_low(r[a])})" for a in ARMS]
+        print(f"{m:16s} {r['params']:9d} | {cells[0]:>30s} | {cells[1]:>22s}")
 
 
 def main(argv: list[str] | None = None):
@@ -229,19 +275,7 @@ def main(argv: list[str] | None = None):
     with atomic_path(out / "gradnoise.json") as tmp:
         tmp.write_text(json.dumps(res, indent=1))
     draw(res, out / "gradnoise.png")
-    print(f"{res['groups']} groups of {res['group_size']} ({res['rollouts']} rollouts, accuracy "
-          f"{res['rollout_accuracy']:.2f}, {res['share_exceeded']:.2f} reached the turn limit)")
-    for a in ARMS:
-        r, q = res[a], res[a]["question_split"]
-        low = f"{r['B_noise_95_low']:.0f}" if r["B_noise_95_low"] else "inf"
-        print(f"{a:7s} B_noise {r['B_noise']:.3g} groups (95%: above {low}); signal/noise of one group "
-              f"{r['snr_per_group']:.2e} (95% {r['snr_per_group_95'][0]:.2e} .. {r['snr_per_group_95'][1]:.2e}); "
-              "share of a step that is signal: " + ", ".join(f"{s:.3f} at {b} groups" for b, s in r["signal_share_at"].items()))
-        print(f"{'':7s} halves' |h|^2 {q['half_norm_sq']:.3g}; halves of one question agree {q['same_question']:.3g} "
-              f"± {q['same_question_se']:.2g}, of different questions {q['across_questions']:.3g}")
-    cos = res["cos_true_mask_nomask"]
-    print("cos(true gradient with masking, without): " + (f"{cos:.2f}" if cos is not None else
-                                                          "not measured (a signal's interval reaches 0)"))
+    report(res)
     print(f"wrote {out / 'gradnoise.json'} and {out / 'gradnoise.png'}")
 
 

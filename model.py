@@ -185,6 +185,29 @@ def build_tiny(seed: int = 0, patch_init_std: float = 0.1, **overrides):
 
 
 
+def language_module(name: str) -> str:
+    """The part of the language model a parameter belongs to: "layers.<i>.attn", "layers.<i>.mlp",
+    "norms" (every RMSNorm), or the first name under the language model ("embed_tokens", which with
+    tied embeddings is also the output head); "visual" for the vision tower."""
+    parts = name.removeprefix("model.").removeprefix("language_model.").split(".")
+    if parts[0] == "layers" and len(parts) > 2:
+        kind = {"self_attn": "attn", "mlp": "mlp"}.get(parts[2])
+        return f"layers.{parts[1]}.{kind}" if kind else "norms"
+    return "norms" if "norm" in parts[0] else parts[0]
+
+
+def train_only(model, modules: list[str], where: str = "--train-modules"):
+    """Freeze every parameter outside the named language_module parts (an unknown name is an error
+    that lists the known ones)."""
+    known = sorted({language_module(n) for n, _ in model.named_parameters()} - {"visual"})
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        raise InputError(f"{where}: no part named {', '.join(unknown)}; the parts: {', '.join(known)}")
+    for name, p in model.named_parameters():
+        if language_module(name) not in modules:
+            p.requires_grad_(False)
+
+
 def save_checkpoint(model, processor, path: str | os.PathLike, extra: dict[str, object] | None = None):
     """save_pretrained into a temporary folder, then rename it into place; `extra` maps file
     names to objects saved with torch.save (optimizer state, schedule, RNG) or text."""

@@ -34,7 +34,8 @@ from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SH
                   main_cli, read_records, select_levels)
 from eval import judge
 from infer import Engine, Sample, Settings
-from model import by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run, token_logprobs
+from model import (by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
+                   token_logprobs, train_only)
 from parallel import World
 from protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
 
@@ -318,6 +319,8 @@ def parse_args(argv=None):
     op.add_argument("--lr", type=RATE, default=2e-5)
     op.add_argument("--clip-low", type=SHARE, default=0.2)
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
+    op.add_argument("--train-modules", type=lambda s: [w for w in s.split(",") if w], default=None,
+                    help="train only these parts, comma-separated (model.language_module; e.g. layers.3.mlp)")
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
     op.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
@@ -348,6 +351,8 @@ def start(args, out: Path, world: World):
     model, processor, state = start_run(out, args.model, args.resume, world.device, args.overwrite, world)
     for p in model.model.visual.parameters():      # the vision tower stays frozen, as in SFT
         p.requires_grad_(False)
+    if args.train_modules:
+        train_only(model, args.train_modules)
     apply_pixels(processor, args)
     parallel.prepare(model, args.grad_checkpointing, args.precision, world)   # (FSDP2 under torchrun)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),

@@ -8,7 +8,7 @@ import gradnoise
 import rl
 from data import InputError, load_image, read_jsonl
 from infer import Engine, Sample, Settings
-from model import save_checkpoint
+from model import language_module, save_checkpoint
 
 
 def test_noise_scale_recovers_a_known_signal_and_noise():
@@ -96,6 +96,14 @@ def test_gradnoise_end_to_end_writes_its_report(tiny, probe_dir, tmp_path, monke
         assert res[arm]["noise"] > 0 and len(res[arm]["snr_per_group_95"]) == 2
         assert set(res[arm]["signal_share_at"]) == {"2", "256"}
     assert (tmp_path / "rep" / "gradnoise.png").stat().st_size > 0
+    # the modules split the language model's parameters and, dot products being sums over
+    # parameters, the signal and the noise: the modules' add up to the whole's
+    mods = res["modules"]
+    assert sum(m["params"] for m in mods.values()) == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual."))
+    for arm in ("mask", "nomask"):
+        for key in ("signal", "noise"):
+            assert sum(m[arm][key] for m in mods.values()) == pytest.approx(res[arm][key], rel=1e-9)
     # rewards that always tie: a clear error naming the data, no report
     monkeypatch.setattr(rl, "rewards_for", lambda trajs, rows, *a, **k: [0.0 for _ in trajs])
     with pytest.raises(InputError, match=r"train.jsonl: in \d+ rollouts only 0 groups had rewards"):
@@ -103,6 +111,19 @@ def test_gradnoise_end_to_end_writes_its_report(tiny, probe_dir, tmp_path, monke
     assert not (tmp_path / "rep2").exists()
     with pytest.raises(InputError, match="measures both arms"):
         gradnoise.main(base + ["--no-overturn-mask", "--report", str(tmp_path / "rep3")])
+
+
+def test_modules_name_the_parts_of_the_language_model(tiny):
+    model, _ = tiny
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    slices = gradnoise.module_slices(named)
+    layers = model.config.text_config.num_hidden_layers
+    assert set(slices) == {"embed_tokens", "norms"} | {f"layers.{i}.{k}" for i in range(layers) for k in ("attn", "mlp")}
+    covered = sorted((s.start, s.stop) for sl in slices.values() for s in sl)
+    assert covered[0][0] == 0 and covered[-1][1] == sum(p.numel() for _, p in named)
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))          # no gap, no overlap
+    assert language_module("model.language_model.layers.3.post_attention_layernorm.weight") == "norms"
+    assert language_module("model.language_model.layers.1.self_attn.o_proj.weight") == "layers.1.attn"
 
 
 def test_question_split_separates_a_question_s_own_direction_from_the_shared_one():

@@ -138,3 +138,21 @@ def test_update_in_runs_of_similar_length_is_the_same_step(tiny, probe_dir, tmp_
     assert figures[3]["clip_fraction"] == pytest.approx(figures[1]["clip_fraction"], abs=1e-7)
     norm = max(v.abs().max().item() for v in changes[1].values())
     assert norm > 0 and all(torch.allclose(changes[3][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
+
+
+def test_train_modules_moves_only_the_named_parts(tiny, probe_dir, tmp_path, monkeypatch):
+    model, proc = tiny
+    save_checkpoint(model, proc, tmp_path / "init")
+    monkeypatch.setattr(rl, "rewards_for", lambda trajs, rows, *a, **k: [float(t.token_ids[-1] % 2) for t in trajs])
+    base = ["--model", str(tmp_path / "init"), "--data", str(probe_dir / "train.jsonl"), "--steps", "1",
+            "--questions", "2", "--group", "4", "--max-turns", "2", "--max-turn-tokens", "12", "--lr", "1e-3",
+            "--no-overturn-mask"]
+    rl.main(base + ["--out", str(tmp_path / "rl"), "--train-modules", "layers.1.mlp,embed_tokens"])
+    trained, _ = load(str(tmp_path / "rl"))
+    before = model.state_dict()
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(".layers.1.mlp." in k for k in changed) and any("embed_tokens" in k for k in changed)
+    assert all(".layers.1.mlp." in k or "embed_tokens" in k or k == "lm_head.weight" for k in changed), changed
+    with pytest.raises(InputError, match=r"--train-modules: no part named layers.9.mlp; the parts: embed_tokens, "
+                                         r"layers.0.attn"):
+        rl.main(base + ["--out", str(tmp_path / "rl2"), "--train-modules", "layers.9.mlp"])
