@@ -19,6 +19,9 @@ A step of B groups has E|mean|^2 = |G|^2 + trace S / B, so the share of it that 
 With Adam each step moves every weight by about the rate whatever the gradient's size: a step that
 is 95% noise moves the weights mostly at random. It also gives the correlation between the true
 gradients with and without masking, and draws the signal share against the groups per step.
+The same figures for each part of the language model (model.language_module; a dot product is a
+sum over parameters, so the parts' signal and noise add up to the whole's): what a run that trains
+that part alone (rl.py --train-modules) would face.
 
 Reads: a policy (--model) and questions (--data). Writes: <report>/gradnoise.json and .png.
 """
