@@ -64,6 +64,11 @@ PROBABILITY = flag(float, 0.0, 1.0, low_open=True)   # top-p: (0, 1]
 SHARE = flag(float, 0.0, 1.0)
 
 
+def names(text: str) -> list[str]:
+    """--levels "medium,hard", --train-modules "layers.3.mlp": the comma-separated names, empty ones dropped."""
+    return [w for w in text.split(",") if w]
+
+
 def turn_caps(text: str) -> list[int]:
     """--turn-caps "1,2,4": positive integers."""
     try:

@@ -196,13 +196,13 @@ def language_module(name: str) -> str:
     return "norms" if "norm" in parts[0] else parts[0]
 
 
-def train_only(model, modules: list[str], where: str = "--train-modules"):
+def train_only(model, modules: list[str]):
     """Freeze every parameter outside the named language_module parts (an unknown name is an error
     that lists the known ones)."""
     known = sorted({language_module(n) for n, _ in model.named_parameters()} - {"visual"})
     unknown = [m for m in modules if m not in known]
     if unknown:
-        raise InputError(f"{where}: no part named {', '.join(unknown)}; the parts: {', '.join(known)}")
+        raise InputError(f"--train-modules: no part named {', '.join(unknown)}; the parts: {', '.join(known)}")
     for name, p in model.named_parameters():
         if language_module(name) not in modules:
             p.requires_grad_(False)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common import grade
 import parallel
 from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SHARE, append_jsonl, flag, load_image,
-                  main_cli, read_records, select_levels)
+                  main_cli, names, read_records, select_levels)
 from eval import judge
 from infer import Engine, Sample, Settings
 from model import (by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
@@ -285,7 +285,7 @@ def parse_args(argv=None):
     io.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log: <out>_log.jsonl")
-    io.add_argument("--levels", type=lambda s: [w for w in s.split(",") if w],
+    io.add_argument("--levels", type=names,
                     help="train only on these difficulties, e.g. hard or medium,hard (all by default)")
     io.add_argument("--save-every", type=POSITIVE, default=5)
     io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
@@ -320,7 +320,7 @@ def parse_args(argv=None):
     op.add_argument("--lr", type=RATE, default=2e-5)
     op.add_argument("--clip-low", type=SHARE, default=0.2)
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
-    op.add_argument("--train-modules", type=lambda s: [w for w in s.split(",") if w], default=None,
+    op.add_argument("--train-modules", type=names, default=None,
                     help="train only these parts, comma-separated (model.language_module; e.g. layers.3.mlp)")
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
