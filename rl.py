@@ -313,7 +313,8 @@ def parse_args(argv=None):
     rw.add_argument("--format-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     rw.add_argument("--tool-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     op = ap.add_argument_group("optimisation")
-    op.add_argument("--minibatch", type=POSITIVE, default=16, help="trajectories per optimizer update")
+    op.add_argument("--minibatch", type=POSITIVE, default=16,
+                    help="trajectories per optimizer update (questions x group: one update a step)")
     op.add_argument("--length-split", type=POSITIVE, default=2,
                     help="a mini-batch's trajectories, sorted by length, go through the model in this many runs "
                          "(the same gradient, less padding; model.by_length)")
