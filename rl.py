@@ -266,13 +266,14 @@ def log_gap(gap: list, trajs, run: list[int], old: torch.Tensor, on: torch.Tenso
 
 
 def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict], seconds: float) -> dict:
-    """What one step logs: reward and accuracy of every rollout, how it searched, and the update.
+    """What one step logs: reward and accuracy of every rollout, how many, how it searched, and the update.
     `stats` holds (reward, correct, turns, exceeded, truncated, tokens) of every rank's rollouts,
     `upd` every rank's update figures."""
     s = np.array(stats, dtype=float).reshape(-1, 6)
     return {"step": step, "reward_mean": float(s[:, 0].mean()), "accuracy": float(s[:, 1].mean()),
             "mean_turns": float(s[:, 2].mean()), "share_exceeded": float(s[:, 3].mean()),
             "share_truncated": float(s[:, 4].mean()), "share_groups_dropped": dropped / max(tried, 1),
+            "rollouts": len(s),                               # tied groups' refills included
             "loss": float(np.mean([u["loss"] for u in upd])),
             "clip_fraction": float(np.mean([u["clip_fraction"] for u in upd])),
             "logprob_gap": float(np.mean([u["logprob_gap"] for u in upd])),

@@ -101,10 +101,11 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
                     "--lr", "1e-3", "--save-every", "1", "--no-overturn-mask",   # (masked, every row here would be off)
                     "--levels", "medium,hard"])
     assert levels and set(levels) <= {"medium", "hard"}   # the curriculum: only the levels asked for
+    rolled = len(levels)                                  # every rollout rewarded, refills included
     with pytest.raises(InputError, match=r"train.jsonl: no record has a difficulty in extreme \(it has: easy, hard, medium\)"):
         rl.main(base + ["--out", str(tmp_path / "rl2"), "--levels", "extreme"])
     log = read_jsonl(tmp_path / "rl_log.jsonl")
-    assert [r["step"] for r in log] == [1, 2]
+    assert [r["step"] for r in log] == [1, 2] and sum(r["rollouts"] for r in log) == rolled
     assert {"reward_mean", "accuracy", "mean_turns", "share_exceeded", "share_groups_dropped", "loss",
             "clip_fraction", "tokens_per_s"} <= set(log[0])
     # 12 tokens a turn: every rollout's first turn is cut, which ends it unanswered (not masked)
