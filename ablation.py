@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import InputError, POSITIVE, atomic_path, main_cli, read_jsonl
+from data import InputError, POSITIVE, atomic_path, main_cli, read_jsonl, turn_caps
 from eval import correct_at_cap, line_plot
 
 
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None):
         metavar=("A", "B"),
         help="report arm A minus arm B on each difficulty at the largest cap",
     )
-    ap.add_argument("--caps", default="1,2,4,6,8,12,16", help="turn caps to tabulate")
+    ap.add_argument("--caps", type=turn_caps, default="1,2,4,6,8,12,16", help="turn caps to tabulate")
     ap.add_argument("--train-cap", type=POSITIVE, default=6, help="the turn limit RL was trained with")
     ap.add_argument("--reps", type=POSITIVE, default=2000, help="bootstrap draws")
     ap.add_argument("--out", default="runs/ablation", help="folder for ablation.json and ablation.png")
     args = ap.parse_args(argv)
-    caps = sorted({int(c) for c in args.caps.split(",")})
+    caps = args.caps
     specs = dict(read_arm(s) for s in args.arm)
     for a, b in args.diff:
         for n in (a, b):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import ablation
 import collect
 import eval as ev
 import infer
@@ -184,9 +185,11 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     (["sft", "--batch", "0"], "--batch"), (["sft", "--save-every", "0"], "--save-every"),
     (["rl", "--steps", "0"], "--steps"), (["eval", "--samples", "0"], "--samples"),
     (["collect", "--max-share", "0"], "--max-share"), (["sft", "--lr", "nan"], "--lr"),
+    (["ablation", "--caps", "0,6"], "--caps"), (["ablation", "--caps", "6,x"], "--caps"),
 ])
 def test_flags_out_of_range_are_refused_by_name(argv, flag, capsys):
-    main = {"rl": rl.main, "sft": sft.main, "eval": ev.main, "collect": collect.main}.get(argv[0])
+    main = {"rl": rl.main, "sft": sft.main, "eval": ev.main, "collect": collect.main,
+            "ablation": ablation.main}.get(argv[0])
     with pytest.raises(SystemExit) as e:
         if argv[0] == "infer":
             infer.main(["--image", "x", "--question", "q"] + argv[1:])
