@@ -174,9 +174,22 @@ def kl_penalty(ref, batch, lp, temperature: float = 1.0, n_tokens: float | None 
     return ((torch.exp(d) - d - 1) * m).sum() / (m.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
-def as_batch(trajs, idx: list[int], processor, device) -> dict:
-    return collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask, "shown": trajs[i].shown}
-                    for i in idx], processor, device)
+def trained_mask(traj, first_turn: int = 1) -> list[bool]:
+    """The tokens the loss sees: the sampled ones, in the assistant's turns `first_turn` and later
+    (1: every turn; 2: all but the opening). A turn is a run of sampled positions, so the turns are
+    counted from positions, never from token values."""
+    mask, turn, prev = [], 0, False
+    for m in traj.sampled_mask:
+        turn += bool(m) and not prev
+        mask.append(bool(m) and turn >= first_turn)
+        prev = bool(m)
+    return mask
+
+
+def as_batch(trajs, idx: list[int], processor, device, masks: list[list[bool]] | None = None) -> dict:
+    """Trajectories idx collated for a forward; the loss mask is `masks` (default: every sampled token)."""
+    return collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask if masks is None else masks[i],
+                     "shown": trajs[i].shown} for i in idx], processor, device)
 
 
 def minibatches(order: list[int], size: int, world: World, filler: int) -> list[list[int]]:
@@ -206,6 +219,7 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     keep = torch.tensor([k for g in groups for k in g[2]] + [False] * (filler is not None), dtype=torch.bool)
     adv = group_advantages(rewards, args.group, keep[:len(rewards)], exclude_masked_from_stats=args.stats == "paper")
     adv = torch.cat([adv, torch.zeros(len(trajs) - len(adv))])
+    masks = [trained_mask(t, args.train_from_turn) for t in trajs]
     device = next(model.parameters()).device
     order = [int(i) for i in np.random.default_rng([args.seed, step]).permutation(len(rewards)) if keep[i]]
     size = max(1, args.minibatch // world.size)                    # this rank's share of a mini-batch
@@ -213,7 +227,7 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
               for idx in minibatches(order, size, world, len(trajs) - 1)]
     model.eval()
     with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
-        olds = [[token_logprobs(model, as_batch(trajs, run, processor, device), args.temperature, args.top_p)
+        olds = [[token_logprobs(model, as_batch(trajs, run, processor, device, masks), args.temperature, args.top_p)
                  for run in runs] for runs in chunks]
     model.train()
     losses, clips, n_tok, gap = [], [], 0, [0.0, 0]
@@ -222,13 +236,13 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
         # the loss is a mean over the whole mini-batch's tokens, whichever run they are in: the runs'
         # gradients add up to the mini-batch's
         rows = [i for run in runs for i in run]
-        kept = max(1.0, world.sum(sum(sum(trajs[i].sampled_mask) for i in rows if keep[i]))) / world.size
-        sampled = max(1, sum(sum(trajs[i].sampled_mask) for i in rows))
+        kept = max(1.0, world.sum(sum(sum(masks[i]) for i in rows if keep[i]))) / world.size
+        sampled = max(1, sum(sum(masks[i]) for i in rows))
         loss, clip = 0.0, 0.0
         for run, old in zip(runs, old_runs):
             # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
             # pixels held at once would not fit; the images are cut and resized already (Trajectory.shown)
-            batch = as_batch(trajs, run, processor, device)
+            batch = as_batch(trajs, run, processor, device, masks)
             log_gap(gap, trajs, run, old, batch["loss_mask"].bool() & keep[run].to(device)[:, None])
             run_loss, run_clip = loss_of_run(model, batch, old, adv[run].to(device), keep[run].to(device),
                                              (kept, sampled), args, ref)
@@ -325,6 +339,8 @@ def parse_args(argv=None):
     op.add_argument("--train-modules", type=names, default=None,
                     help="train only these parts, comma-separated (model.language_module; e.g. layers.3.mlp)")
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
+    op.add_argument("--train-from-turn", type=POSITIVE, default=1,
+                    help="the loss skips the assistant's earlier turns (2: the opening is not trained; NOTES.md 27)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
     op.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
     op.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

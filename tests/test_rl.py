@@ -157,3 +157,43 @@ def test_train_modules_moves_only_the_named_parts(tiny, probe_dir, tmp_path, mon
     with pytest.raises(InputError, match=r"--train-modules: no part named layers.9.mlp; the parts: embed_tokens, "
                                          r"layers.0.attn"):
         rl.main(base + ["--out", str(tmp_path / "rl2"), "--train-modules", "layers.9.mlp"])
+
+
+def test_trained_mask_counts_turns_from_positions():
+    from types import SimpleNamespace
+    t = SimpleNamespace(sampled_mask=[False, False, True, True, False, True, True, True, False, False, True])
+    assert rl.trained_mask(t) == [bool(m) for m in t.sampled_mask]
+    assert rl.trained_mask(t, 2) == [False] * 5 + [True, True, True, False, False, True]
+    assert rl.trained_mask(t, 3) == [False] * 10 + [True]
+    assert not any(rl.trained_mask(t, 4))
+
+
+def test_update_from_turn_two_is_the_update_without_the_opening(tiny, probe_dir, tmp_path):
+    """--train-from-turn 2 trains on the turns after the first only: the step equals a plain step on
+    the same trajectories with the first turn's tokens marked unsampled (plain SGD at rate 1, so the
+    weights' change is minus the gradient). The two-turn rollouts are made by cutting a sampled run."""
+    import copy
+    model, proc = tiny
+    row = read_jsonl(probe_dir / "train.jsonl")[0]
+    trajs = Engine(model, proc).run([Sample(load_image(row, probe_dir), row["problem"])] * 4, max_turns=1,
+                                    temperature=1.0, seed=3, max_turn_tokens=16, progress=False)
+    cut, opened = [], []
+    for i, t in enumerate(trajs):
+        cut_at = t.sampled_mask.index(True) + 2 + 3 * i                     # turn 1: 2, 5, 8, 11 tokens
+        a = copy.copy(t)
+        a.sampled_mask = t.sampled_mask[:cut_at] + [False] + t.sampled_mask[cut_at + 1:]
+        b = copy.copy(a)
+        b.sampled_mask = [False] * (cut_at + 1) + a.sampled_mask[cut_at + 1:]
+        cut.append(a)
+        opened.append(b)
+    changes, losses = [], []
+    for ts, first_turn in ((cut, 2), (opened, 1), (cut, 1)):
+        m = copy.deepcopy(model)
+        args = rl.parse_args(["--minibatch", "4", "--group", "4", "--train-from-turn", str(first_turn)])
+        losses.append(rl.update(m, torch.optim.SGD(m.parameters(), lr=1.0), proc, [(ts, [1.0, 0.0, 0.0, 0.0], [True] * 4)],
+                  args, 0, tmp_path)["loss"])   # a mean over the trained tokens (the step itself is clipped)
+        changes.append({k: v - model.state_dict()[k] for k, v in m.state_dict().items()})
+    norm = max(v.abs().max().item() for v in changes[1].values())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] != pytest.approx(losses[2], rel=1e-3)
+    assert norm > 0 and all(torch.allclose(changes[0][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
+    assert not all(torch.allclose(changes[2][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
