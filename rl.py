@@ -294,6 +294,29 @@ def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict
             "tokens_per_s": (s[:, 5].sum() + sum(u["n_tok"] for u in upd)) / seconds}
 
 
+def add_optimisation_args(ap):
+    """The update's flags: mini-batches, rate, clipping, what trains, over-turn masking, precision."""
+    op = ap.add_argument_group("optimisation")
+    op.add_argument("--minibatch", type=POSITIVE, default=16,
+                    help="trajectories per optimizer update (questions x group: one update a step)")
+    op.add_argument("--length-split", type=POSITIVE, default=2,
+                    help="a mini-batch's trajectories, sorted by length, go through the model in this many runs "
+                         "(the same gradient, less padding; model.by_length)")
+    op.add_argument("--lr", type=RATE, default=2e-5)
+    op.add_argument("--clip-low", type=SHARE, default=0.2)
+    op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
+    op.add_argument("--train-modules", type=names, default=None,
+                    help="train only these parts, comma-separated (model.language_module; e.g. layers.3.mlp)")
+    op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
+    op.add_argument("--train-from-turn", type=POSITIVE, default=1,
+                    help="the loss skips the assistant's earlier turns (2: the opening is not trained; NOTES.md 27)")
+    op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
+    op.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
+    op.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    op.add_argument("--stats", choices=["official", "paper"], default="official",
+                    help="whether masked trajectories count in the group mean/std (official) or not (paper)")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = ap.add_argument_group("input and output")
@@ -327,25 +350,7 @@ def parse_args(argv=None):
     rw.add_argument("--judge-prompt", help="the judge's texts (see eval.py --judge-prompt)")
     rw.add_argument("--format-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
     rw.add_argument("--tool-bonus", type=NONNEGATIVE_FLOAT, default=0.0)
-    op = ap.add_argument_group("optimisation")
-    op.add_argument("--minibatch", type=POSITIVE, default=16,
-                    help="trajectories per optimizer update (questions x group: one update a step)")
-    op.add_argument("--length-split", type=POSITIVE, default=2,
-                    help="a mini-batch's trajectories, sorted by length, go through the model in this many runs "
-                         "(the same gradient, less padding; model.by_length)")
-    op.add_argument("--lr", type=RATE, default=2e-5)
-    op.add_argument("--clip-low", type=SHARE, default=0.2)
-    op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
-    op.add_argument("--train-modules", type=names, default=None,
-                    help="train only these parts, comma-separated (model.language_module; e.g. layers.3.mlp)")
-    op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
-    op.add_argument("--train-from-turn", type=POSITIVE, default=1,
-                    help="the loss skips the assistant's earlier turns (2: the opening is not trained; NOTES.md 27)")
-    op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
-    op.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
-    op.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    op.add_argument("--stats", choices=["official", "paper"], default="official",
-                    help="whether masked trajectories count in the group mean/std (official) or not (paper)")
+    add_optimisation_args(ap)
     add_protocol_args(ap)
     return parse_with_preset(ap, argv)
 
