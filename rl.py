@@ -3,6 +3,7 @@
     python rl.py                                   # runs/tiny/sft -> runs/tiny/rl
     python rl.py --no-overturn-mask --out runs/tiny/rl_nomask     # the ablation
     python rl.py --train-modules layers.3.mlp --out runs/tiny/rl_mlp   # the last MLP alone (NOTES.md 24)
+    python rl.py --train-from-turn 2 --out runs/tiny/rl_later   # the opening not trained (NOTES.md 27)
 
 Reads: a policy checkpoint (--model) and probe questions (--data). Writes: the trained policy to
 --out (a checkpoint folder, with trainer_state.pt for --resume) and one line per step to
