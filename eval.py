@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common import PLAIN_SYSTEM_PROMPT, grade, normalise
 from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, atomic_path, load_image, main_cli,
-                  read_records, turn_caps, write_jsonl)
+                  names, read_records, select_levels, turn_caps, write_jsonl)
 import report
 from infer import Engine, Sample, Settings, draw_search
 from model import load, pick_device, resolve_checkpoint
@@ -331,7 +331,8 @@ def parse_args(argv=None):
     io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories, PNGs")
     io.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     io.add_argument("--examples", type=NONNEGATIVE, default=6, help="trajectory pictures to draw")
-    io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions")
+    io.add_argument("--levels", type=names, help="only these difficulties, e.g. hard (all by default)")
+    io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions (of --levels)")
     gen = ap.add_argument_group("rollouts")
     gen.add_argument("--turn-caps", type=turn_caps, default="1,2,4,6,8,12,16")
     gen.add_argument("--samples", type=POSITIVE, default=1, help="rollouts per question (Avg@K)")
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None):
     caps = args.turn_caps
     args.protocol = protocol_from_args(args)                # prompts files are read before any work too
     args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
-    rows = read_records(args.data)[: args.limit or None]    # every input is checked before any work
+    rows = select_levels(read_records(args.data), args.levels, args.data)[: args.limit or None]   # checked first
     root, out = Path(args.data).parent, Path(args.out)
     for name in [args.model] + ([args.judge] if args.judge else []):
         resolve_checkpoint(name)

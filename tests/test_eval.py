@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
-from data import read_jsonl
+from data import InputError, read_jsonl
 from model import save_checkpoint
 
 
@@ -44,6 +44,18 @@ def test_eval_cli_results_agree_with_its_trajectories(tiny, probe_dir, tmp_path)
     assert sum(saved["failures"]["all"]["outcomes"].values()) == pytest.approx(1.0)
     assert trajs[0]["objects"] and trajs[0]["target_bbox"] and trajs[0]["image_size"]
 
+
+
+def test_eval_levels_picks_the_difficulties_before_the_limit(tiny, probe_dir, tmp_path):
+    model, proc = tiny
+    save_checkpoint(model, proc, tmp_path / "ck")
+    args = ["--model", str(tmp_path / "ck"), "--data", str(probe_dir / "test.jsonl"), "--turn-caps", "1",
+            "--max-turn-tokens", "5", "--examples", "0"]
+    ev.main(args + ["--out", str(tmp_path / "ev"), "--levels", "hard", "--limit", "1", "--samples", "2"])
+    trajs = read_jsonl(tmp_path / "ev" / "trajectories.jsonl")
+    assert [t["difficulty"] for t in trajs] == ["hard", "hard"] and len({t["doc_id"] for t in trajs}) == 1
+    with pytest.raises(InputError, match="test.jsonl: no record has a difficulty in extreme"):
+        ev.main(args + ["--out", str(tmp_path / "ev2"), "--levels", "extreme"])
 
 def _search(answer, crops, first="", **kw):
     """A hard-level search (1536 px image) for the character on the target at [100, 100, 156, 156]."""
