@@ -111,7 +111,7 @@ def credit_chart(table: dict, path: Path, title: str):
     span = max((abs(c["mean"]) + c["se"] for r in table["arms"].values() for c in r["credit"].values()),
                default=1.0) or 1.0
     W, L, T, row = 820, 250, 50, 34
-    H = T + row * len(habits) + 40
+    H = T + row * len(habits) + 56
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     d.font = _font()
@@ -128,6 +128,8 @@ def credit_chart(table: dict, path: Path, title: str):
             d.rectangle([min(x(0), x(c["mean"])), top, max(x(0), x(c["mean"])), top + 11], fill=colours[j])
             d.line([x(c["mean"] - c["se"]), top + 5, x(c["mean"] + c["se"]), top + 5], fill="black")
     d.line([mid, T - 4, mid, T + row * len(habits)], fill="black")
+    for v in (-span, 0.0, span):
+        d.text((x(v) - 14, T + row * len(habits) + 2), f"{v:+.2f}", fill="black")
     for j, a in enumerate(arms):
         d.rectangle([L + 160 * j, H - 26, L + 160 * j + 14, H - 14], fill=colours[j])
         d.text((L + 160 * j + 20, H - 27), a, fill="black")
