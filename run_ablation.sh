@@ -5,7 +5,8 @@
 # Each RL arm is trained once per seed and evaluated greedily at turn caps 1-16; ablation.py then
 # prints one table (accuracy ± standard error, questions and seeds resampled), the differences that
 # the paper claims, and draws <out>/ablation.png. Three regimes (run bash run_tiny.sh first):
-#   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, hard questions, T 0.7);
+#   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, hard questions, T 0.7,
+#     the last MLP alone);
 #     out: runs/ablation. SEEDS="0 1 2" (default) 1-2 hours on 2 CPU cores; SEEDS="0" 25-40 minutes.
 #   REGIME=hard: NOTES.md section 13's: SFT on numbered-list trajectories (collect --thoughts
 #     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
@@ -30,7 +31,7 @@ REGIME=${REGIME:-tiny}
 ON_HARD="--questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # every regime
 case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
-        DEFAULT_RL="$ON_HARD --steps 20 --lr 1e-4" ;;   # run_tiny.sh's RL
+        DEFAULT_RL="$ON_HARD --steps 20 --lr 1e-4 --train-modules layers.3.mlp" ;;   # run_tiny.sh's RL
   hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
         DEFAULT_RL="$ON_HARD --steps 40 --lr 1e-4" ;;
   long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"

@@ -6,6 +6,9 @@
 # SFT takes small batches (4) for many steps (800): the same data and cost as 8 x 400, twice the
 # updates, and twice the accuracy on hard (NOTES.md section 21). RL trains on hard questions only,
 # at temperature 0.7: on every level RL turns the hard search into a one-zoom guess (sections 19, 21).
+# RL trains the last MLP alone (--train-modules layers.3.mlp), the part of the model with the least
+# gradient noise: RL of the whole model walks all its weights and lowers the SFT model's accuracy
+# (sections 16, 23-24, 29); the last MLP alone holds it, and its backward stops at the last layer.
 # --overwrite: a rerun replaces the previous run's checkpoints and results (without it they are refused).
 # Ends by printing the paths of the report pages (open them in a browser).
 set -euo pipefail
@@ -22,7 +25,7 @@ python sft.py --data runs/tiny/coldstart.jsonl --init tiny-base --out runs/tiny/
   --verdict-drills 4 --verdict-style compare --drill-weight 0.5 --precision best --overwrite
 stage "3. reinforcement learning (GRPO, over-turn masking, 6 turns)"
 python rl.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --out runs/tiny/rl --steps 20 --questions 4 --group 8 \
-  --levels hard --temperature 0.7 --lr 1e-4 --precision best --overwrite
+  --levels hard --temperature 0.7 --lr 1e-4 --train-modules layers.3.mlp --precision best --overwrite
 stage "4. evaluation: turn caps 1-16 on the test split"
 python eval.py --model runs/tiny/sft --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_sft --greedy --overwrite
 python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl --greedy --overwrite
