@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline, stage by stage, each reading the previous one's output under runs/tiny/.
-# Starts from the committed tiny base (checkpoints/tiny-base). 20-35 minutes on 2 CPU cores with
-# AVX-512 BF16 or AMX (--precision best computes in bf16 there), depending on the CPU; over an hour on
+# Starts from the committed tiny base (checkpoints/tiny-base). 20-32 minutes on 2 CPU cores with
+# AVX-512 BF16 or AMX (--precision best computes in bf16 there; NOTES.md sections 21 and 29: 20:28 on an
+# AMX Xeon, 31:48 on an AVX-512 BF16 EPYC), depending on the CPU; over an hour on
 # 2 AVX2-only cores (float32: bf16 is emulated there, several times slower; see the README).
 # SFT takes small batches (4) for many steps (800): the same data and cost as 8 x 400, twice the
 # updates, and twice the accuracy on hard (NOTES.md section 21). RL trains on hard questions only,
