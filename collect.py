@@ -205,6 +205,41 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
 
+# The hasty teacher (collect.py --hasty N): where the explorer would list the look-alike candidates,
+# a hasty searcher instead names one of them at random as the target, zooms on it, and answers what
+# that crop shows, sure of its guess ("It is a red triangle with the character 8."), whatever the
+# crop shows. It tries N times a question, each time with one of GUESSES' wordings, as a sampling
+# VLM teacher would; the correctness filter keeps the lucky tries (the guess was the target, or a
+# look-alike that carries the same character), beside the explorer's full search of the question.
+# So the cold start holds the failure Mini-o3's RL corrects: answering before the search has
+# found the target.
+GUESSES = ("The {colour} {shape} is at {box}.", "The {colour} {shape} must be the one at {box}.",
+           "I think the {colour} {shape} is at {box}.", "The {colour} {shape} looks like the one at {box}.")
+
+
+def guess(image: Image.Image, problem: str, budget, rng: random.Random, style: str = "ledger") -> dict | None:
+    """One hasty try: a random candidate named as the target, one zoom, then its character as the
+    answer. None when the question is not understood or has fewer than two candidates."""
+    goal = parse_question(problem)
+    if goal is None:
+        return None
+    colour, shape = goal
+    ep = Episode(image, budget)
+    cells = sorted(blobs_by_cell(np.asarray(ep.shown[0]), colour))
+    if len(cells) < 2:
+        return None
+    box = cell_box(rng.choice(cells))
+    claim = rng.choice(GUESSES).format(colour=colour, shape=shape, box=fmt_box(box))
+    _, shown = ep.apply(ep.parse(zoom_text(box)))
+    arr = np.asarray(shown)
+    obj = biggest_object(arr, colour)
+    glyph = None if obj is None else read_glyph(arr, obj, colour)
+    if glyph is None:
+        return None
+    turns = [said(f"I am looking for the {colour} {shape}. {claim}", zoom_text(box)), found(colour, shape, glyph, style)]
+    return {"turns": turns, "answer": glyph, "pattern": "guess"}
+
+
 QUARTERS = {"top-left": [0.0, 0.0, 0.5, 0.5], "top-right": [0.5, 0.0, 1.0, 0.5],
             "bottom-left": [0.0, 0.5, 0.5, 1.0], "bottom-right": [0.5, 0.5, 1.0, 1.0]}
 
@@ -302,14 +337,18 @@ def model_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
 
 def explorer_rollouts(rows: list[dict], root: Path, args) -> list[dict]:
     """One search per question by the explorer, shown only the image and the question."""
-    rng = random.Random(args.seed)
+    rng, hasty_rng = random.Random(args.seed), random.Random(f"hasty {args.seed}")   # (the searches stay as without)
     found = []
     for row in tqdm(rows, desc="explore", dynamic_ncols=True):
         public = {k: row[k] for k in ("images", "problem")}   # what a model would see
-        res = explore(load_image(public, root), public["problem"], TINY_BUDGET, rng, args.max_turns,
-                      args.depth_first, args.thoughts, args.slips)
+        image = load_image(public, root)
+        res = explore(image, public["problem"], TINY_BUDGET, rng, args.max_turns, args.depth_first, args.thoughts,
+                      args.slips)
         if res is not None:
             found.append({**res, "source": "explorer", "_row": row})
+        if res is not None and res["pattern"] in ("trial_and_error", "depth_first"):   # it listed candidates
+            tries = [guess(image, public["problem"], TINY_BUDGET, hasty_rng, args.thoughts) for _ in range(args.hasty)]
+            found += [{**t, "source": "hasty", "_row": row} for t in tries if t is not None]
     return found
 
 
@@ -391,6 +430,9 @@ def main(argv: list[str] | None = None):
                      help="explorer: chance that a zoom after a miss lands a cell off, and the next turn "
                      "recovers (see `slip`; the slipped turn carries no SFT loss, and the ShareGPT export "
                      "cannot say so: it is written as an ordinary turn)")
+    src.add_argument("--hasty", type=NONNEGATIVE, default=0,
+                     help="explorer: tries of the hasty teacher per question whose candidates it lists (see "
+                     "`guess`: one random candidate named as the target and answered; kept only when right)")
     src.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-share", type=PROBABILITY, default=0.6, help="largest share of one pattern")
     add_protocol_args(ap)
