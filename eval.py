@@ -1,233 +1,50 @@
-"""Stage 4: accuracy per split and per turn cap, Avg@K, and pictures of the search.
+"""Stage 5: accuracy per difficulty and per turn cap, Avg@K, why searches failed, and a report page.
 
-    python eval.py --model runs/tiny/rl --data runs/tiny/probe/test.jsonl --out runs/tiny/eval_rl
+    python eval.py                        # run_tiny's SFT and RL models on the test split, compared
+    python eval.py --model runs/tiny/rl --levels hard --out runs/tiny/eval_hard
     python eval.py --model Mini-o3/Mini-o3-7B-v1 --data data/vp_hard/test.jsonl --samples 32 \
-                   --judge Qwen/Qwen2.5-72B-Instruct
+                   --temperature 1.0 --judge Qwen/Qwen2.5-72B-Instruct
 
-Reads: a checkpoint and probe records. Writes into --out: results.json (every figure),
-trajectories.jsonl (one record per rollout), turn_scaling.png, examples/*.png (zoom paths).
+Reads: checkpoints and probe records. Writes, for one model, into --out (for several, into
+--out/<model's folder name> each, and the comparison into --out): results.json (every figure),
+trajectories.jsonl (one record per rollout), turn_scaling.png, failures.png, report.html (every
+search, picture by picture), examples/*.png (zoom paths).
 
 Every question is rolled out once (or K times with --samples) at the largest turn cap; the accuracy
-at each smaller cap comes from the same trajectories: an answer given at turn t counts for every
-cap >= t, and a trajectory still searching at turn c has no answer under cap c. (For greedy
-decoding this is exactly what a run at cap c would give; for sampling, the same distribution.)
+at each smaller cap comes from the same trajectories (`correct_at_cap`): an answer given at turn t
+counts for every cap >= t, and a trajectory still searching at turn c has no answer under cap c.
+(For greedy decoding, the default, this is exactly what a run at cap c would give; for sampling,
+the same distribution.) Turn scaling, the paper's figure, is this accuracy against the cap.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from common import PLAIN_SYSTEM_PROMPT, grade, normalise
-from data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, atomic_path, load_image, main_cli,
-                  names, read_records, select_levels, turn_caps, write_jsonl)
-import report
-from infer import Engine, Sample, Settings, draw_search
-from model import load, pick_device, resolve_checkpoint
-from protocol import (add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args,
-                      read_score)
-
-JUDGE_PROMPT = ("You grade answers to questions about images.\nQuestion: {question}\n"
-                "Reference answer: {reference}\nCandidate answer: {answer}\n"
-                "Does the candidate answer mean the same as the reference answer? "
-                "Reply with exactly \"Score: 1\" if it does and \"Score: 0\" if it does not.")
+from minio3 import report
+from minio3.conversation import grade
+from minio3.data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, atomic_path, load_image,
+                         main_cli, names, read_records, select_levels, turn_caps, write_jsonl)
+from minio3.engine import Engine, Sample, Settings
+from minio3.failures import bar_chart, diagnose, failure_table, print_failures
+from minio3.judge import judge
+from minio3.model import load, pick_device, resolve_checkpoint
+from minio3.plots import draw_search, line_plot
+from minio3.protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
 
 
-def judge(engine: Engine, rows: list[dict], answers: list[str | None], texts: dict | None = None) -> list[float]:
-    """Mini-o3's LLM-judge reward: exact/normalised match first; otherwise the judge model (run
-    through the same engine, text only, greedy) decides with "Score: 0" or "Score: 1". `texts`
-    (protocol.load_judge_prompt) replaces the judge's system prompt and query."""
-    texts = texts or {"system": PLAIN_SYSTEM_PROMPT, "query": JUDGE_PROMPT}
-    fill = lambda i: (texts["query"].replace("{question}", rows[i]["problem"].replace("<image>", "").strip())
-                      .replace("{reference}", str(rows[i]["solution"])).replace("{answer}", answers[i]))
-    scores = [grade(a, r) for a, r in zip(answers, rows)]
-    ask = [i for i, (a, s) in enumerate(zip(answers, scores))
-           if a is not None and s == 0 and not rows[i].get("options")]
-    samples = [Sample(None, fill(i), system=texts["system"] or PLAIN_SYSTEM_PROMPT) for i in ask]
-    verdicts = engine.run(samples, Settings(max_turns=1, greedy=True, max_turn_tokens=32), progress=False)
-    for i, t in zip(ask, verdicts):
-        scores[i] = read_score(t.turn_texts[-1] if t.turn_texts else "")
-    return scores
-
-
+# ----------------------------------------------------------------------------------------------
+# Accuracy at every turn cap, from one set of trajectories
+# ----------------------------------------------------------------------------------------------
 def correct_at_cap(t: dict, cap: int) -> bool:
     """Was this trajectory's answer given within `cap` turns, and right?"""
     return bool(t["correct"] and t["answered"] and t["turns"] <= cap)
 
-
-# ----------------------------------------------------------------------------------------------
-# Why a search failed (records with a target box: the synthetic probe)
-# ----------------------------------------------------------------------------------------------
-READABLE_PX = 24      # an object counts as seen when a crop shows it at least this many pixels high
-OUTCOMES = ["right", "named another object in view", "saw the target, answered wrong",
-            "answered without seeing the target", "no answer", "turn too long", "out of turns",
-            "out of context", "wrong (no target box)"]
-_NUM = r"\s*(\d+(?:\.\d*)?|\.\d+)\s*"     # 1, 0.5, .5, 1. (never a lone "." a model may write)
-_BOX = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
-
-
-def seen(box: list[float], crop: dict) -> bool:
-    """Was the object with this pixel box (in the original) inside the crop, shown large enough to read?"""
-    x0, y0, x1, y1 = crop["pixel_box"]
-    inside = box[0] >= x0 and box[1] >= y0 and box[2] <= x1 and box[3] <= y1
-    return inside and (box[3] - box[1]) * crop["shown"][1] / (y1 - y0) >= READABLE_PX
-
-
-def listed_boxes(text: str) -> list[list[float]]:
-    """The relative boxes a turn's thought lists ("The red objects: [0.125, ...], [...]"), calls excluded."""
-    thought = text.split("<grounding>")[0]
-    return [[float(v) for v in m.groups()] for m in _BOX.finditer(thought)]
-
-
-def list_steps(t: dict) -> tuple[int, int]:
-    """(turns whose thought lists boxes and then zooms, those that zoom on the list's first or last
-    box): whether the search steps through the list it has just written (the opening list of
-    candidates, a ledger of the boxes still to check), from its front or from its end (collect.py's
-    `ledger` and `backward` thoughts). A chain step ("Next in the list: [checked], [next].") follows
-    only when it zooms on its last box: its first is the box already checked."""
-    listed = followed = 0
-    for text in t["turn_texts"]:
-        boxes, call = listed_boxes(text), text.split("<grounding>", 1)[1:]
-        zoom = _BOX.search(call[0]) if call else None
-        if boxes and zoom:
-            listed += 1
-            ends = (boxes[-1],) if "Next in the list:" in text.split("<grounding>")[0] else (boxes[0], boxes[-1])
-            followed += [float(v) for v in zoom.groups()] in ends
-    return listed, followed
-
-
-def diagnose(t: dict) -> dict:
-    """Why one trajectory ended as it did: `outcome`, one of OUTCOMES (the first that applies), and
-    flags: was the target ever seen readable, did the search open with a list of candidates (two
-    boxes or more in its first thought; else a direct guess, one box) and did that list hold the
-    target, how many zooms repeated an earlier box, how many calls were invalid."""
-    target, crops = t.get("target_bbox"), t["crops"]
-    saw = target is not None and any(seen(target, c) for c in crops)
-    objects = t.get("objects") or []
-    in_view = [o for o in objects if o["box"] != target and any(seen(o["box"], c) for c in crops)]
-    answer = normalise(t["answer"]) if t["answer"] is not None else None
-    named_other = any(answer == normalise(o["glyph"]) for o in in_view)
-    listed = listed_boxes(t["turn_texts"][0]) if t["turn_texts"] else []
-    has_target = None
-    if listed and target is not None and t.get("image_size"):
-        w, h = t["image_size"]
-        cx, cy = (target[0] + target[2]) / 2 / w, (target[1] + target[3]) / 2 / h
-        has_target = any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in listed)
-    boxes = [tuple(c["pixel_box"]) for c in crops]
-    verdicts = crop_verdicts(t)
-    if t["correct"]:
-        outcome = "right"
-    elif t["exceeded"]:
-        outcome = "out of context" if t.get("over_length") else "out of turns"
-    elif t["truncated"]:
-        outcome = "turn too long"
-    elif not t["answered"]:
-        outcome = "no answer"
-    elif target is None:
-        outcome = "wrong (no target box)"
-    else:
-        outcome = ("named another object in view" if named_other else "saw the target, answered wrong" if saw
-                   else "answered without seeing the target")
-    listed_turns, followed = list_steps(t)
-    return {"outcome": outcome, "saw_target": saw, "opens_with_list": len(listed) >= 2,
-            "list_has_target": has_target,
-            "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"],
-            "listed_turns": listed_turns, "followed": followed, **verdicts}
-
-
-def crop_verdicts(t: dict) -> dict:
-    """The search's verdict on each crop that shows one candidate readable: the target alone, or
-    look-alikes (objects of the target's colour) without it. A crop is *accepted* when the search
-    answers right after it (it is the last crop of an answered search), else passed by. Counted
-    from positions and boxes only, whatever the thoughts say."""
-    target, objects = t.get("target_bbox"), t.get("objects") or []
-    out = {"target_crops": 0, "target_accepted": 0, "lookalike_crops": 0, "lookalike_accepted": 0}
-    asked = next((o for o in objects if o["box"] == target), None)
-    if asked is None:
-        return out
-    lookalikes = [o for o in objects if o["colour"] == asked["colour"] and o["box"] != target]
-    for i, c in enumerate(t["crops"]):
-        accepted = int(t["answered"] and i == len(t["crops"]) - 1)
-        shows_target, shows_other = seen(target, c), any(seen(o["box"], c) for o in lookalikes)
-        if shows_target and not shows_other:
-            out["target_crops"] += 1
-            out["target_accepted"] += accepted
-        elif shows_other and not shows_target:
-            out["lookalike_crops"] += 1
-            out["lookalike_accepted"] += accepted
-    return out
-
-
-def failure_table(trajs: list[dict]) -> dict:
-    """Per difficulty (and "all"): the share of each outcome, and the flags' rates."""
-    every = [diagnose(t) for t in trajs]
-    groups = {d: [x for x, t in zip(every, trajs) if t["difficulty"] == d]
-              for d in sorted({t["difficulty"] for t in trajs})}
-    out = {}
-    for d, ds in {**groups, "all": every}.items():
-        listed = [x["list_has_target"] for x in ds if x["list_has_target"] is not None]
-        shares = {o: sum(x["outcome"] == o for x in ds) / len(ds) for o in OUTCOMES}
-        out[d] = {"n": len(ds), "outcomes": shares,
-                  "saw_target": float(np.mean([x["saw_target"] for x in ds])),
-                  "opens_with_list": float(np.mean([x["opens_with_list"] for x in ds])),
-                  "list_has_target": float(np.mean(listed)) if listed else None,
-                  "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
-                  "invalid_calls": float(np.mean([x["invalid_calls"] > 0 for x in ds]))}
-        n = sum(x["listed_turns"] for x in ds)   # zooms, per listing turn: the share on an end of its list
-        out[d]["listed_turns"], out[d]["zoom_follows_list"] = n, sum(x["followed"] for x in ds) / n if n else None
-        for kind in ("target", "lookalike"):   # verdicts, per crop: the share accepted
-            n = sum(x[f"{kind}_crops"] for x in ds)
-            out[d][f"{kind}_crops"] = n
-            out[d][f"{kind}_accepted"] = sum(x[f"{kind}_accepted"] for x in ds) / n if n else None
-    return out
-
-
-def print_failures(table: dict):
-    used = [o for o in OUTCOMES if any(r["outcomes"][o] for r in table.values())]
-    print(f"\n{'why':36}" + "".join(f"{d:>9}" for d in table))
-    for o in used:
-        print(f"{o:36}" + "".join(f"{r['outcomes'][o]:9.2f}" for r in table.values()))
-    for flag in report.FLAGS:
-        cells = ["      -  " if r.get(flag) is None else f"{r[flag]:9.2f}" for r in table.values()]
-        print(f"{flag.replace('_', ' '):36}" + "".join(cells))
-    print("(opens with list: the first thought lists two boxes or more, not one direct guess;\n"
-          " zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first\n"
-          " or last box (the ledger steps from the front, the backward ledger from the end);\n"
-          " target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"
-          " after which the search answered; crops: " + ", ".join(
-              f"{d} {r['target_crops']}/{r['lookalike_crops']}" for d, r in table.items()) + ")")
-
-
-def bar_chart(table: dict, path: Path, title: str):
-    """One stacked bar per difficulty: the share of each outcome (drawn with PIL)."""
-    used = [o for o in OUTCOMES if any(r["outcomes"][o] for r in table.values())]
-    colours = [(44, 160, 44), (214, 39, 40), (255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-               (31, 119, 180), (23, 190, 207), (127, 127, 127)]
-    W, H, L, T, bar = 760, 60 + 34 * len(table) + 20 * len(used), 110, 40, 22
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    d.font = _font()
-    d.text((L, 12), title, fill="black")
-    span = W - L - 30
-    for i, (name, r) in enumerate(table.items()):
-        y, x = T + 34 * i, L
-        d.text((8, y + 5), f"{name} ({r['n']})", fill="black")
-        for o in used:
-            w = r["outcomes"][o] * span
-            d.rectangle([x, y, x + w, y + bar], fill=colours[OUTCOMES.index(o)])
-            x += w
-    for j, o in enumerate(used):
-        y = T + 34 * len(table) + 20 * j
-        d.rectangle([L, y + 2, L + 14, y + 14], fill=colours[OUTCOMES.index(o)])
-        d.text((L + 22, y + 2), o, fill="black")
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
 
 
 def summarise(trajs: list[dict], caps: list[int]) -> dict:
@@ -255,112 +72,17 @@ def summarise(trajs: list[dict], caps: list[int]) -> dict:
     }
 
 
-def _font(size: int = 13):
-    """Pillow's scalable default font (readable labels); its old bitmap font if FreeType is missing."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def line_plot(series: dict[str, dict[str, float]], path: Path, title: str, xlabel: str = "turn cap",
-              errors: dict[str, dict[str, float]] | None = None):
-    """Accuracy against turn cap (or any x), one line per series (drawn with PIL: no plotting library);
-    `errors` (same keys) draws a bar of one standard error either side of each point."""
-    R = max(130, 45 + 7 * max((len(n) for n in series), default=0))   # room for the longest legend label
-    W, H, L, T, B = 510 + R, 420, 64, 40, 50
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    d.font = _font()
-    caps = sorted({int(c) for s in series.values() for c in s})
-    x = lambda c: L + (W - L - R) * (c - caps[0]) / max(1, caps[-1] - caps[0])   # each x at its true place
-    y = lambda v: H - B - (H - T - B) * v
-    d.text((L, 12), title, fill="black")
-    for v in np.linspace(0, 1, 6):
-        d.line([L, y(v), W - R, y(v)], fill=(225, 225, 225))
-        d.text((L - 34, y(v) - 6), f"{v:.1f}", fill="black")
-    for c in caps:
-        d.text((x(c) - 6, H - B + 8), str(c), fill="black")
-    d.text(((W - R + L) // 2 - 30, H - 22), xlabel, fill="black")
-    d.line([L, T, L, H - B, W - R, H - B], fill="black")
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (90, 90, 90),
-               (23, 190, 207), (188, 189, 34), (227, 119, 194), (140, 86, 75), (0, 0, 0), (120, 160, 255)]
-    for i, (name, s) in enumerate(series.items()):
-        pts = [(x(int(c)), y(v)) for c, v in sorted(s.items(), key=lambda kv: int(kv[0]))]
-        col = colours[i % len(colours)]
-        d.line(pts, fill=col, width=3)
-        for px, py in pts:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
-        for c, e in (errors or {}).get(name, {}).items():
-            v = s[c]
-            d.line([x(int(c)), y(v - e), x(int(c)), y(v + e)], fill=col, width=1)
-            d.line([x(int(c)) - 4, y(v - e), x(int(c)) + 4, y(v - e)], fill=col)
-            d.line([x(int(c)) - 4, y(v + e), x(int(c)) + 4, y(v + e)], fill=col)
-        d.line([W - R + 12, T + 18 * i + 6, W - R + 32, T + 18 * i + 6], fill=col, width=3)
-        d.text((W - R + 38, T + 18 * i), name, fill="black")
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
-
-
-def compare(dirs: list[str], out: Path):
-    """One table (accuracy per difficulty at each turn cap) and one plot for several evaluations."""
-    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
-    if missing:
-        raise InputError(f"{missing[0]}: no results.json (not an eval.py output folder)")
-    runs = {Path(d).name: json.loads((Path(d) / "results.json").read_text()) for d in dirs}
-    caps = sorted({int(c) for r in runs.values() for c in r["by_turn_cap"]})
-    header = "".join(f"{'cap ' + str(c):>9}" for c in caps)
-    print(f"{'run':14}{'difficulty':12}" + header + f"{'turns':>8}{'zoom':>7}")
-    for name, r in runs.items():
-        for d, s in {**r["by_turn_cap_difficulty"], "all": r["by_turn_cap"]}.items():
-            extra = f"{r['mean_turns']:8.2f}{r['zoom_rate']:7.2f}" if d == "all" else ""
-            print(f"{name:14}{d:12}" + "".join(f"{s.get(str(c), float('nan')):9.3f}" for c in caps) + extra)
-    line_plot({f"{n} {d}": s for n, r in runs.items() for d, s in {**r["by_turn_cap_difficulty"],
-                                                                   "all": r["by_turn_cap"]}.items()}, out,
-              " vs ".join(runs))
-    print(f"report: {report.write_compare(out, runs)}")
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = ap.add_argument_group("input and output")
-    io.add_argument("--compare", nargs="+", metavar="DIR", help="print one table for these eval folders "
-                    "and draw them in one plot (--out is then the PNG)")
-    io.add_argument("--model", default="runs/tiny/rl", help="the checkpoint to evaluate")
-    io.add_argument("--data", default="runs/tiny/probe/test.jsonl", help="questions (probe records)")
-    io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories, PNGs")
-    io.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    io.add_argument("--examples", type=NONNEGATIVE, default=6, help="trajectory pictures to draw")
-    io.add_argument("--levels", type=names, help="only these difficulties, e.g. hard (all by default)")
-    io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions (of --levels)")
-    gen = ap.add_argument_group("rollouts")
-    gen.add_argument("--turn-caps", type=turn_caps, default="1,2,4,6,8,12,16")
-    gen.add_argument("--samples", type=POSITIVE, default=1, help="rollouts per question (Avg@K)")
-    gen.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 1.0)")
-    gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
-    gen.add_argument("--top-p", type=PROBABILITY, default=1.0, help="sample from the nucleus of this mass")
-    gen.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
-    gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192)
-    gen.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
-    gen.add_argument("--max-batch", type=POSITIVE, default=32)
-    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                     help="weights for the rollouts (auto: bfloat16 on CUDA, float32 on the CPU)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
-    gen.add_argument("--judge-prompt", help="the judge's texts: a JSON file {system, query} or the official "
-                     "reward file (verl/utils/reward_score/general_qa_tool.py, read, never run)")
-    add_protocol_args(ap)
-    return parse_with_preset(ap, argv)
-
-
-def rollout(args, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
+# ----------------------------------------------------------------------------------------------
+# Rolling the questions out
+# ----------------------------------------------------------------------------------------------
+def rollout(args, model_name: str, rows: list[dict], root: Path, caps: list[int]) -> list[dict]:
     """Roll every question out --samples times at the largest cap; one record per trajectory.
     Images are loaded when a question enters the batch and dropped when it leaves (memory)."""
-    model, processor = load(args.model, device=pick_device(), dtype=None if args.dtype == "auto" else
+    model, processor = load(model_name, device=pick_device(), dtype=None if args.dtype == "auto" else
                             getattr(torch, args.dtype))
     apply_pixels(processor, args)
     engine = Engine(model, processor, max_batch=args.max_batch, max_len=args.max_total_tokens)
-    settings = Settings(max_turns=max(caps), greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+    settings = Settings(max_turns=max(caps), greedy=args.temperature == 0, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
                         max_images=args.max_images, protocol=args.protocol)
     loader = lambda r: (lambda: load_image(r, root))   # called when the question enters the batch
@@ -392,23 +114,16 @@ def print_summary(res: dict, caps: list[int], out: Path):
           f"[{res['n_trajectories']} rollouts, {res['seconds']:.0f}s] -> {out}")
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    if args.compare:
-        return compare(args.compare, Path(args.out if args.out.endswith(".png") else args.out + ".png"))
+# ----------------------------------------------------------------------------------------------
+# One model, several models, the flags
+# ----------------------------------------------------------------------------------------------
+def evaluate(args, model: str, rows: list[dict], root: Path, out: Path) -> dict:
+    """One model: its rollouts, results.json, trajectories.jsonl, the plots and the report page."""
     caps = args.turn_caps
-    args.protocol = protocol_from_args(args)                # prompts files are read before any work too
-    args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
-    rows = select_levels(read_records(args.data), args.levels, args.data)[: args.limit or None]   # checked first
-    root, out = Path(args.data).parent, Path(args.out)
-    for name in [args.model] + ([args.judge] if args.judge else []):
-        resolve_checkpoint(name)
-    if (out / "results.json").exists() and not args.overwrite:
-        raise InputError(f"{out} holds the results of an evaluation: pass --overwrite to replace them")
     t0 = time.time()
-    trajs = rollout(args, rows, root, caps)
+    trajs = rollout(args, model, rows, root, caps)
     res = summarise(trajs, caps)
-    res.update({"model": args.model, "data": args.data, "greedy": args.greedy, "samples": args.samples,
+    res.update({"model": model, "data": args.data, "greedy": args.temperature == 0, "samples": args.samples,
                 "temperature": args.temperature, "top_p": args.top_p,
                 "turn_caps": caps, "seconds": round(time.time() - t0, 1),
                 "protocol": {"preset": args.preset, "prompts": args.prompts, "numbering": args.numbering,
@@ -418,10 +133,10 @@ def main(argv: list[str] | None = None):
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(res, indent=1))
     series = {**res["by_turn_cap_difficulty"], "all": res["by_turn_cap"]}
-    line_plot(series, out / "turn_scaling.png", f"{Path(args.model).name} on {Path(args.data).name}")
-    bar_chart(res["failures"], out / "failures.png", f"why searches ended: {Path(args.model).name}")
+    line_plot(series, out / "turn_scaling.png", f"{Path(model).name} on {Path(args.data).name}")
+    bar_chart(res["failures"], out / "failures.png", f"why searches ended: {Path(model).name}")
     page = report.write(out, res, trajs, lambda i: load_image(rows[i // args.samples], root),
-                        f"{Path(args.model).name} on {Path(args.data).name}", diagnose)
+                        f"{Path(model).name} on {Path(args.data).name}", diagnose)
     (out / "examples").mkdir(exist_ok=True)
     for i in [i for i, t in enumerate(trajs) if t["crops"]][: args.examples]:
         t = trajs[i]
@@ -431,6 +146,87 @@ def main(argv: list[str] | None = None):
     print_failures(res["failures"])
     print(f"report: {page}")
     return res
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare, Path(args.out if args.out.endswith(".png") else args.out + ".png"))
+    args.protocol = protocol_from_args(args)                # prompts files are read before any work too
+    args.judge_texts = load_judge_prompt(args.judge_prompt) if args.judge_prompt else None
+    rows = select_levels(read_records(args.data), args.levels, args.data)[: args.limit or None]   # checked first
+    root, out = Path(args.data).parent, Path(args.out)
+    # one model: its results in --out; several: each in --out/<its folder's name>, compared in --out
+    outs = [out] if len(args.model) == 1 else [out / Path(m).name for m in args.model]
+    if len(set(outs)) < len(outs):
+        raise InputError(f"--model {' '.join(args.model)}: two models share a folder name; evaluate them one by one")
+    for name in args.model + ([args.judge] if args.judge else []):
+        resolve_checkpoint(name)
+    for o in outs:
+        if (o / "results.json").exists() and not args.overwrite:
+            raise InputError(f"{o} holds the results of an evaluation: pass --overwrite to replace them")
+    results = [evaluate(args, m, rows, root, o) for m, o in zip(args.model, outs)]
+    if len(outs) > 1:
+        compare([str(o) for o in outs], out / "compare.png")
+    return results[0] if len(results) == 1 else results
+
+
+def compare(dirs: list[str], out: Path):
+    """One table (accuracy per difficulty at each turn cap) and one plot for several evaluations."""
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no results.json (not an eval.py output folder)")
+    runs = {Path(d).name: json.loads((Path(d) / "results.json").read_text()) for d in dirs}
+    caps = sorted({int(c) for r in runs.values() for c in r["by_turn_cap"]})
+    header = "".join(f"{'cap ' + str(c):>9}" for c in caps)
+    print(f"{'run':14}{'difficulty':12}" + header + f"{'turns':>8}{'zoom':>7}")
+    for name, r in runs.items():
+        for d, s in {**r["by_turn_cap_difficulty"], "all": r["by_turn_cap"]}.items():
+            extra = f"{r['mean_turns']:8.2f}{r['zoom_rate']:7.2f}" if d == "all" else ""
+            print(f"{name:14}{d:12}" + "".join(f"{s.get(str(c), float('nan')):9.3f}" for c in caps) + extra)
+    line_plot({f"{n} {d}": s for n, r in runs.items() for d, s in {**r["by_turn_cap_difficulty"],
+                                                                   "all": r["by_turn_cap"]}.items()}, out,
+              " vs ".join(runs))
+    print(f"report: {report.write_compare(out, runs)}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = ap.add_argument_group("input and output")
+    io.add_argument("--compare", nargs="+", metavar="DIR", help="print one table for these eval folders "
+                    "and draw them in one plot (--out is then the PNG)")
+    io.add_argument("--model", nargs="+", default=["runs/tiny/sft", "runs/tiny/rl"],
+                    help="the checkpoints to evaluate (folders, tiny-base, hub names)")
+    io.add_argument("--data", default="runs/tiny/probe/test.jsonl", help="questions (probe records)")
+    io.add_argument("--out", default="runs/tiny/eval", help="folder for results.json, trajectories, PNGs "
+                    "(several models: a folder each inside it, and compare.png / compare.html)")
+    io.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    io.add_argument("--examples", type=NONNEGATIVE, default=6, help="trajectory pictures to draw")
+    io.add_argument("--levels", type=names, help="only these difficulties, e.g. hard (all by default)")
+    io.add_argument("--limit", type=NONNEGATIVE, default=0, help="use only the first N questions (of --levels)")
+    gen = ap.add_argument_group("rollouts")
+    gen.add_argument("--turn-caps", type=turn_caps, default="1,2,4,6,8,12,16")
+    gen.add_argument("--samples", type=POSITIVE, default=1, help="rollouts per question (Avg@K)")
+    gen.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=0.0,
+                     help="0: greedy decoding (the default); above 0: sampling at this temperature")
+    gen.add_argument("--greedy", action="store_const", const=0.0, dest="temperature", help="the same as --temperature 0")
+    gen.add_argument("--top-p", type=PROBABILITY, default=1.0, help="sample from the nucleus of this mass")
+    gen.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
+    gen.add_argument("--max-total-tokens", type=POSITIVE, default=8192)
+    gen.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
+    gen.add_argument("--max-batch", type=POSITIVE, default=32)
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                     help="weights for the rollouts (auto: bfloat16 on CUDA, float32 on the CPU)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--judge", help="an LLM judge for open answers (path or hub name)")
+    gen.add_argument("--judge-prompt", help="the judge's texts: a JSON file {system, query} or the official "
+                     "reward file (verl/utils/reward_score/general_qa_tool.py, read, never run)")
+    add_protocol_args(ap)
+    args = parse_with_preset(ap, argv)
+    if args.samples > 1 and args.temperature == 0:
+        raise InputError(f"--samples {args.samples} with greedy decoding gives one rollout {args.samples} times: "
+                         "sample with --temperature above 0")
+    return args
 
 
 if __name__ == "__main__":

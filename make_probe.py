@@ -1,11 +1,12 @@
 """Stage 0: synthetic Visual-Probe-style data, and converters of the real benchmarks' files.
 
-    python make_probe.py --out data/probe --n-train 600 --n-test 90 --seed 1
+    python make_probe.py                        # the tiny run's: 2400 train, 300 test -> runs/tiny/probe
+    python make_probe.py --out runs/heldout --n-train 0 --n-test 300 --seed 2   # another test split
     python make_probe.py --from visualprobe FILE.json --images DIR --out data/vp_hard
     python make_probe.py --from vstar DIR --out data/vstar
     python make_probe.py --from hrbench FILE.tsv --out data/hr4k
 
-The pictures and questions are drawn by `world.py` (the library); this stage writes splits of
+The pictures and questions are drawn by minio3/world.py; this stage writes splits of
 them (each sample a pure function of seed, split and index) and converts the real benchmarks.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import InputError, NONNEGATIVE, atomic_path, main_cli, write_jsonl
-from world import LEVELS, SPLIT_IDS, level_stats, probe_sample
+from minio3.data import InputError, NONNEGATIVE, atomic_path, main_cli, write_jsonl
+from minio3.world import LEVELS, SPLIT_IDS, level_stats, probe_sample
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +168,12 @@ def from_hrbench(path: Path, out: Path) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/tiny/probe", help="folder for *.jsonl and images/")
     syn = ap.add_argument_group("synthetic probe (default)")
-    syn.add_argument("--n-train", type=NONNEGATIVE, default=600)
-    syn.add_argument("--n-test", type=NONNEGATIVE, default=90)
+    syn.add_argument("--n-train", type=NONNEGATIVE, default=2400, help="training questions (a third a level)")
+    syn.add_argument("--n-test", type=NONNEGATIVE, default=300, help="test questions (a third a level)")
     syn.add_argument("--seed", type=int, default=1, help="also shuffles V* options")
     syn.add_argument("--workers", type=NONNEGATIVE, default=os.cpu_count() or 1,
                      help="processes drawing the pictures (the files do not depend on it)")
@@ -181,7 +182,11 @@ def main(argv: list[str] | None = None):
     conv.add_argument("input", nargs="?", help="the benchmark file or folder to convert (with --from)")
     conv.add_argument("--images", help="VisualProbe's image folder")
     conv.add_argument("--difficulty", help="VisualProbe split name to record (easy/medium/hard)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
     if not args.source:
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None):
         print(f"wrote {out} in {time.time() - t0:.1f}s")
         return
     if not args.input:
-        ap.error("--from needs the input file or folder")
+        raise InputError(f"--from {args.source} needs the input file or folder")
     src = Path(args.input)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")

@@ -1,22 +1,20 @@
 """Stage 3: reinforcement learning with verifiable rewards (GRPO) and over-turn masking.
 
     python rl.py                                   # runs/tiny/sft -> runs/tiny/rl
-    python rl.py --no-overturn-mask --out runs/tiny/rl_nomask     # the ablation
-    python rl.py --train-modules layers.3.mlp --out runs/tiny/rl_mlp   # the last MLP alone (NOTES.md 24)
-    python rl.py --train-from-turn 2 --out runs/tiny/rl_later   # the opening not trained (NOTES.md 27)
+    python rl.py --no-overturn-mask --out runs/tiny/rl_nomask     # the ablation: exceeded rollouts trained on
 
 Reads: a policy checkpoint (--model) and probe questions (--data). Writes: the trained policy to
 --out (a checkpoint folder, with trainer_state.pt for --resume) and one line per step to
 <out>_log.jsonl (reward, accuracy, turns, shares exceeded/truncated/dropped, loss, clip fraction).
 
-Each step: take P questions, roll out G trajectories per question through the engine
-(temperature 1.0, at most --max-turns turns), score each answer, turn the scores into advantages
-within each group, and take clipped policy-gradient steps on exactly the tokens the engine sampled,
-their log-probabilities taken at the temperature they were sampled at (the policy that sampled).
+Each step: take P questions, roll out G trajectories per question through the engine (at most
+--max-turns turns), score each answer (1 if right), turn the scores into advantages within each
+group (`group_advantages`), and take clipped policy-gradient steps (`policy_loss`) on exactly the
+tokens the engine sampled, their log-probabilities taken at the temperature they were sampled at.
 
-Over-turn masking: a trajectory that still calls the tool on its last allowed turn (or runs out of
-context) has no answer, so its reward is 0. Trained on, that 0 teaches the model to stop searching
-early. Mini-o3 masks such trajectories out of the loss instead (`keep = 0`): the model is neither
+Over-turn masking (`overturn_keep`): a trajectory that still calls the tool on its last allowed turn
+(or runs out of context) has no answer, so its reward is 0. Trained on, that 0 teaches the model to
+stop searching early. Mini-o3 masks such trajectories out of the loss instead: the model is neither
 rewarded nor punished for searching longer than the training limit, and at test time it can use
 many more turns than it was trained with.
 """
@@ -30,16 +28,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import grade
-import parallel
-from data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SHARE, append_jsonl, flag, load_image,
+from minio3.conversation import grade
+from minio3 import parallel
+from minio3.data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SHARE, append_jsonl, flag, load_image,
                   main_cli, names, read_records, select_levels)
-from eval import judge
-from infer import Engine, Sample, Settings
-from model import (by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
+from minio3.judge import judge
+from minio3.engine import Engine, Sample, Settings
+from minio3.model import (by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
                    token_logprobs, train_only)
-from parallel import World
-from protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
+from minio3.parallel import World
+from minio3.protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +92,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     loss = (per_token * mask).sum() / n_tokens                               # token mean over kept tokens
     clip_fraction = ((clipped > unclipped) & mask).sum().float() / n_tokens
     return loss, clip_fraction
+
+
+def overturn_keep(traj, masking: bool = True) -> bool:
+    """Over-turn masking, decided here and nowhere else: with masking (the default), a rollout that
+    exceeded the turn limit or the context is kept out of the loss (keep = False); without it
+    (--no-overturn-mask) it is trained on with its reward, 0, like any wrong answer."""
+    return not (masking and traj.exceeded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,8 +158,7 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
         for g, q in enumerate(qs):
             tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
             stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
-            # over-turn masking: keep is False for a rollout that exceeded the turn limit or context
-            keep_g = [not (t.exceeded and not args.no_overturn_mask) for t in tg]
+            keep_g = [overturn_keep(t, masking=not args.no_overturn_mask) for t in tg]
             counted = [r for r, k in zip(rg, keep_g) if k or args.stats == "official"]
             tried += 1
             if len(counted) < 2 or np.std(counted) < 1e-4:
@@ -303,16 +307,18 @@ def add_optimisation_args(ap):
     op.add_argument("--length-split", type=POSITIVE, default=2,
                     help="a mini-batch's trajectories, sorted by length, go through the model in this many runs "
                          "(the same gradient, less padding; model.by_length)")
-    op.add_argument("--lr", type=RATE, default=2e-5)
+    op.add_argument("--lr", type=RATE, default=1e-4)
     op.add_argument("--clip-low", type=SHARE, default=0.2)
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
-    op.add_argument("--train-modules", type=names, default=None,
-                    help="train only these parts, comma-separated (model.language_module; e.g. layers.3.mlp)")
+    op.add_argument("--train-modules", type=names, default=["layers.3.mlp"],
+                    help="train only these parts of the language model, comma-separated (model.language_module); "
+                         "all: the whole language model. The tiny recipe trains the last MLP alone: its gradient "
+                         "is the least noisy, and RL of the whole model on 4 groups a step walks every weight")
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--train-from-turn", type=POSITIVE, default=1,
-                    help="the loss skips the assistant's earlier turns (2: the opening is not trained; NOTES.md 27)")
+                    help="the loss skips the assistant's earlier turns (2: the opening is not trained)")
     op.add_argument("--no-overturn-mask", action="store_true", help="train on exceeded trajectories too")
-    op.add_argument("--precision", choices=parallel.PRECISIONS, default="auto", help=parallel.PRECISION_HELP)
+    op.add_argument("--precision", choices=parallel.PRECISIONS, default="best", help=parallel.PRECISION_HELP)
     op.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     op.add_argument("--stats", choices=["official", "paper"], default="official",
                     help="whether masked trajectories count in the group mean/std (official) or not (paper)")
@@ -324,22 +330,22 @@ def parse_args(argv=None):
     io.add_argument("--model", default="runs/tiny/sft", help="the policy to start from")
     io.add_argument("--data", default="runs/tiny/probe/train.jsonl", help="questions (probe records)")
     io.add_argument("--out", default="runs/tiny/rl", help="checkpoint folder; the log: <out>_log.jsonl")
-    io.add_argument("--levels", type=names,
-                    help="train only on these difficulties, e.g. hard or medium,hard (all by default)")
+    io.add_argument("--levels", type=names, default=["hard"],
+                    help="train only on these difficulties, comma-separated (all: every question)")
     io.add_argument("--save-every", type=POSITIVE, default=5)
     io.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     io.add_argument("--overwrite", action="store_true", help="replace a run that is already in --out")
     io.add_argument("--seed", type=int, default=0)
     ro = ap.add_argument_group("rollouts")
-    ro.add_argument("--steps", type=POSITIVE, default=30)
-    ro.add_argument("--questions", type=POSITIVE, default=8, help="questions per step (P)")
+    ro.add_argument("--steps", type=POSITIVE, default=20)
+    ro.add_argument("--questions", type=POSITIVE, default=4, help="questions per step (P)")
     ro.add_argument("--group", type=flag(int, 2), default=8,
                     help="rollouts per question (G, at least 2: GRPO compares rollouts of one question)")
     ro.add_argument("--max-turns", type=POSITIVE, default=6)
     ro.add_argument("--max-turn-tokens", type=POSITIVE, default=256)
     ro.add_argument("--max-total-tokens", type=POSITIVE, default=4096, help="the whole conversation")
     ro.add_argument("--max-images", type=POSITIVE, default=32, help="the original and its crops")
-    ro.add_argument("--temperature", type=RATE, default=1.0, help="of the rollouts, and of the log-probs trained on")
+    ro.add_argument("--temperature", type=RATE, default=0.7, help="of the rollouts, and of the log-probs trained on")
     ro.add_argument("--top-p", type=PROBABILITY, default=1.0,
                     help="sample the rollouts from the nucleus of this mass, and train on its log-probs "
                          "(model.nucleus; 1: the whole distribution, as the paper)")

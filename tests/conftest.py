@@ -11,7 +11,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny():
     """A randomly initialised tiny model and its processor (built once per test session)."""
-    import model as lib
+    from minio3 import model as lib
     model, processor = lib.build_tiny(seed=0)
     return model.eval(), processor
 
@@ -29,14 +29,14 @@ def write_explorer_run(root: Path, tiny, probe_dir: Path) -> Path:
     trajectories over the probe's training questions (images as absolute paths)."""
     import random
 
-    import collect
-    from data import load_image, read_jsonl, write_jsonl
-    from model import save_checkpoint
+    from minio3 import explorer
+    from minio3.data import load_image, read_jsonl, write_jsonl
+    from minio3.model import save_checkpoint
     model, proc = tiny
     save_checkpoint(model, proc, root / "init")
     trajs = []
     for r in read_jsonl(probe_dir / "train.jsonl"):
-        res = collect.explore(load_image(r, probe_dir), r["problem"], proc.budget, random.Random(0))
+        res = explorer.explore(load_image(r, probe_dir), r["problem"], proc.budget, random.Random(0))
         trajs.append({**r, "images": [str(probe_dir / r["images"][0])], "turns": res["turns"]})
     write_jsonl(root / "cs.jsonl", trajs)
     return root

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ablation
-from data import InputError
+from research import ablation
+from minio3.data import InputError
 
 
 def write_eval(folder, correct_by_q: dict, turns_by_q: dict | None = None, samples: int = 1):
@@ -97,8 +97,9 @@ def test_bad_arms_are_named(tmp_path):
 ])
 def test_run_ablation_refuses_bad_settings_before_any_work(tmp_path, env, message):
     """run_ablation.sh checks REGIME and ARMS before it deletes, makes or trains anything."""
-    script = tmp_path / "run_ablation.sh"         # a copy, run from an empty folder: nothing to find or lose
-    shutil.copy(Path(__file__).parents[1] / "run_ablation.sh", script)
+    script = tmp_path / "research" / "run_ablation.sh"   # a copy, run from an empty folder: nothing to find or lose
+    script.parent.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "research" / "run_ablation.sh", script)
     kept = [tmp_path / "runs" / d / "keep" for d in ("ablation", "ablation_hard", "ablation_long")]
     for f in kept:                                 # what FRESH=1 would delete if the checks came late
         f.parent.mkdir(parents=True)
@@ -107,7 +108,7 @@ def test_run_ablation_refuses_bad_settings_before_any_work(tmp_path, env, messag
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert message in res.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_ablation.sh", "runs"]   # nothing made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["research", "runs"]            # nothing made
     assert all(f.exists() for f in kept)                                                # nothing lost
 
 
@@ -123,8 +124,9 @@ exit 0
 
 def fake_run_ablation(tmp_path, **env):
     """run_ablation.sh in tmp_path with FAKE_PYTHON as python: (result, [(threads, args) per call])."""
-    script = tmp_path / "run_ablation.sh"
-    shutil.copy(Path(__file__).parents[1] / "run_ablation.sh", script)
+    script = tmp_path / "research" / "run_ablation.sh"
+    script.parent.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "research" / "run_ablation.sh", script)
     for f in ("runs/tiny/probe/train.jsonl", "runs/tiny/sft/model.safetensors"):
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_text("")
@@ -151,7 +153,7 @@ def test_run_ablation_runs_every_arm_and_seed_once_in_any_number_of_lanes(tmp_pa
     assert len(evals) == 10 and len(set(evals)) == 10                    # the SFT model and 9 RL models
     threads = {t for t, args in lines if args.startswith("rl.py")}
     assert threads == ({"unset"} if lanes == "1" else {str(max(1, len(os.sched_getaffinity(0)) // 2))})
-    table = next(args for _, args in lines if args.startswith("ablation.py"))
+    table = next(args for _, args in lines if args.startswith("-m research.ablation"))
     assert table.count("--arm") == 4 and "eval_nocold_s0,runs/ablation/eval_nocold_s1" in table
     if lanes == "2":
         assert (tmp_path / "runs/ablation/lane0.log").read_text() and (tmp_path / "runs/ablation/lane1.log").read_text()
@@ -160,7 +162,7 @@ def test_run_ablation_runs_every_arm_and_seed_once_in_any_number_of_lanes(tmp_pa
 def test_run_ablation_fails_when_a_lane_fails_and_the_other_lane_finishes(tmp_path):
     res, lines = fake_run_ablation(tmp_path, LANES="2", SEEDS="0 1", FAIL_ON="rl_nomask_s0")
     assert res.returncode == 1 and "a lane failed" in res.stdout
-    assert not any(args.startswith("ablation.py") for _, args in lines)          # no table from a part
+    assert not any(args.startswith("-m research.ablation") for _, args in lines)          # no table from a part
     rl = sorted(args.split("--out ")[1].split()[0].split("/")[-1] for _, args in lines if args.startswith("rl.py"))
     # lane 0: mask s0, nocold s0, nomask s1, all run; lane 1: nomask s0 failed, so mask s1 and nocold s1 never started
     assert rl == ["rl_mask_s0", "rl_nocold_s0", "rl_nomask_s0", "rl_nomask_s1"]

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import ablation
+from research import ablation
 import collect
 import eval as ev
 import infer
 import make_probe
 import rl
 import sft
-from common import IM_START, prompt_text, render
-from data import InputError, MAX_QUESTION_CHARS, load_image, read_jsonl, read_records, write_jsonl
-from infer import Engine, Sample
-from model import resolve_checkpoint, save_checkpoint, start_run
+from minio3.conversation import IM_START, prompt_text, render
+from minio3.data import InputError, MAX_QUESTION_CHARS, load_image, read_jsonl, read_records, write_jsonl
+from minio3.engine import Engine, Sample
+from minio3.model import resolve_checkpoint, save_checkpoint, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,8 +140,8 @@ def test_paths_from_data_cannot_leave_their_folder(tmp_path):
 KILLER = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
-    import data
-    from model import build_tiny, save_checkpoint
+    from minio3 import data
+    from minio3.model import build_tiny, save_checkpoint
     model, proc = build_tiny(seed=1)
     renames = []
     def rename(src, dst):

@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
-from base import base_sample, score_base
-import common
-from common import PLAIN_SYSTEM_PROMPT
-from infer import Engine, Sample
-from model import TINY_BASE, load
-import world
+from research.base import base_sample, score_base
+from minio3 import conversation
+from minio3.conversation import PLAIN_SYSTEM_PROMPT
+from minio3.engine import Engine, Sample
+from minio3.model import TINY_BASE, load
+from minio3 import world
+from minio3 import drills as drill_lib
 
 
 def _run(task, n, seed):
@@ -40,8 +41,8 @@ def test_base_gives_the_box_of_the_asked_for_object():
 def test_base_pretraining_runs_through_the_sft_trainer_and_resumes(tmp_path, monkeypatch):
     """base.py: vision-only sheets and language tasks with the auxiliary head, held-out evaluation,
     and a kill at step 3 that resumes to the same losses (the aux head's state included)."""
-    import base
-    from data import read_jsonl
+    from research import base
+    from minio3.data import read_jsonl
     base.write_base(tmp_path / "data", 0, 10, seed=7)
 
     def run(out, *extra):
@@ -71,15 +72,15 @@ def test_verify_records_ask_about_the_crop_half_the_time_truly(tmp_path):
     verdict sentence, built from the crop's true object; about half the questions name its shape."""
     import re
 
-    import base
-    from data import read_jsonl
+    from research import base
+    from minio3.data import read_jsonl
     rng = np.random.default_rng(0)
     yes = 0
     for _ in range(60):
         img, question, answer, meta = base_sample(rng, "verify")
         colour, shape = re.match(r"Is this the (\w+) (\w+)\?", question).groups()
         assert colour == meta["colour"]
-        assert answer == common.verdict(colour, shape, meta["shape"], meta["glyph"])
+        assert answer == conversation.verdict(colour, shape, meta["shape"], meta["glyph"])
         yes += shape == meta["shape"]
     assert 18 <= yes <= 42
     base.main(["--write-data", str(tmp_path / "v"), "--n-train", "4", "--n-test", "0", "--tasks", "verify:1"])
@@ -88,11 +89,11 @@ def test_verify_records_ask_about_the_crop_half_the_time_truly(tmp_path):
 
 
 def test_text_tasks_are_drills_and_train(tmp_path):
-    """base.py's `compare` task: a batch of sft.drill_batch's verdict drills (no picture, twice the
+    """base.py's `compare` task: a batch of drill_lib.drill_batch's verdict drills (no picture, twice the
     batch size), trained through the same loop; its `ledger` task: a batch of ledger drills."""
-    import base
-    from data import read_jsonl
-    from model import build_tiny
+    from research import base
+    from minio3.data import read_jsonl
+    from minio3.model import build_tiny
     _, proc = build_tiny()
     task, samples = base.base_batch(0, 3, seed=1, processor=proc, weights={"compare": 1.0})
     assert task == "compare" and len(samples) == 6 and all(s["shown"] == [] for s in samples)

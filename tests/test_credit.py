@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import credit
-from data import InputError, write_jsonl
+from research import credit
+from minio3.data import InputError, write_jsonl
 
 TARGET, LOOKALIKE = [100, 100, 156, 156], [300, 100, 356, 156]
 LIST = "The red objects: [0.0, 0.0, 0.125, 0.125], [0.125, 0.0, 0.25, 0.125], [0.5, 0.5, 0.625, 0.625]."

@@ -2,7 +2,7 @@ import random
 
 from PIL import Image
 
-from common import Budget, Episode, parse_action, pixel_box, image_token_count
+from minio3.conversation import Budget, Episode, parse_action, pixel_box, image_token_count
 
 
 def test_pixel_box_and_min_side():

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import decoder
-from model import nucleus
-from common import encode_chunk
-from infer import Engine, Sample, Settings, TokenChooser
-import world
+from minio3.engine import decoder
+from minio3.model import nucleus
+from minio3.conversation import encode_chunk
+from minio3.engine import Engine, Sample, Settings
+from minio3.engine.sampler import TokenChooser
+from minio3 import world
 
 ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "original_image"}}</grounding>'
 
@@ -164,7 +165,7 @@ def test_the_flash_branch_equals_sdpa_through_the_reference(tiny, monkeypatch):
 
 
 def test_the_benchmark_reports_medians_and_spreads(tiny):
-    import bench
+    from tools import bench
     model, proc = tiny
     f = bench.decode_figures(model, proc, 2, new_tokens=2, repeats=2)
     for key in ("engine_b2", "hf_b2", "speedup_b2", "call_speedup_b2", "engine_ms_per_step_b2"):
@@ -176,7 +177,7 @@ def test_decode_windows_give_the_eager_engines_trajectories():
     """k decode steps on the device between host reads (runner.py) against one read per step, on
     the committed base's real searches (tool calls, observation turns, stops mid-window, rows that
     leave and join), greedy: the same tokens, log-probs, turns and crops."""
-    from model import load
+    from minio3.model import load
     model, proc = load("tiny-base")
     tok = proc.tokenizer
     scenes = [world.probe_sample(np.random.default_rng([9, i]), lvl) for i, lvl in
@@ -201,7 +202,7 @@ def test_decode_windows_give_the_eager_engines_trajectories():
 
 
 def test_stop_mask_marks_every_token_that_can_end_a_stop_string():
-    from runner import stop_mask
+    from minio3.engine.runner import stop_mask
     pieces = ["</", "grounding", ">", "</grounding>", "ing>", "x</grounding>y", "hello", "<|im_end|>", "g"]
     mask = stop_mask(pieces, ("</grounding>", "<|im_end|>")).tolist()
     assert mask == [False, False, True, True, True, True, False, True, False]
@@ -209,7 +210,7 @@ def test_stop_mask_marks_every_token_that_can_end_a_stop_string():
 
 def test_a_decode_window_reads_back_once(tiny, monkeypatch):
     """k steps of a window: no value read back inside the steps, one .tolist() at the end."""
-    from runner import DecodeWindow, stop_mask
+    from minio3.engine.runner import DecodeWindow, stop_mask
     model, proc = tiny
     eng = Engine(model, proc, max_batch=2)
     prompt = encode_chunk(proc.tokenizer, "<think>a</think>")

@@ -2,11 +2,12 @@
 import numpy as np
 import torch
 
-from common import (IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, render,
+from minio3.conversation import (IM_END, STOP_STRINGS, Episode, encode_chunk, image_token_count, prompt_text, render,
                     tool_turn_text)
-from infer import BANNED_TOKENS, Engine, Sample
-from model import collate
-import world
+from minio3.engine import Engine, Sample
+from minio3.engine.sampler import BANNED_TOKENS
+from minio3.model import collate
+from minio3 import world
 
 ZOOM = '<grounding>{{"bbox_2d": {box}, "source": "{src}"}}</grounding>'
 

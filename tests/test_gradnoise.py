@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-import gradnoise
+from research import gradnoise
 import rl
-from data import InputError, load_image, read_jsonl
-from infer import Engine, Sample, Settings
-from model import language_module, save_checkpoint
+from minio3.data import InputError, load_image, read_jsonl
+from minio3.engine import Engine, Sample, Settings
+from minio3.model import language_module, save_checkpoint
 
 
 def test_noise_scale_recovers_a_known_signal_and_noise():

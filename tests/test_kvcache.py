@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from decoder import KVCache
+from minio3.engine.decoder import KVCache
 
 
 @pytest.mark.parametrize("layout", ["sdpa", "flash"])

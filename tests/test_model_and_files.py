@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common import encode_chunk, image_token_count, prompt_text
-from data import read_jsonl, write_jsonl
-from model import SPECIAL_TOKENS, load, save_checkpoint
+from minio3.conversation import encode_chunk, image_token_count, prompt_text
+from minio3.data import read_jsonl, write_jsonl
+from minio3.model import SPECIAL_TOKENS, load, save_checkpoint
 
 
 def test_tokenizer_has_qwen_special_tokens(tiny):
@@ -81,9 +81,9 @@ def test_token_logprobs_of_a_padded_batch_equal_each_sample_alone(tiny, probe_di
     """A right-padded batch runs with the causal mask alone (no padding mask): the real tokens'
     log-probs must equal each conversation's own forward without padding; a batch padded on the
     left keeps its mask and still matches."""
-    from common import render
-    from data import load_image, read_jsonl
-    from model import collate, token_logprobs
+    from minio3.conversation import render
+    from minio3.data import load_image, read_jsonl
+    from minio3.model import collate, token_logprobs
     model, proc = tiny
     rows = read_jsonl(probe_dir / "train.jsonl")[:3]   # three conversations of different lengths
     samples = [render(load_image(r, probe_dir), r["problem"], ["I look. " * 6 * i + f"<answer>{r['solution']}</answer>"],

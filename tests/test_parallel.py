@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import parallel
+from minio3 import parallel
 import sft
-from data import read_jsonl
+from minio3.data import read_jsonl
 from conftest import write_explorer_run
-from model import load
+from minio3.model import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,8 @@ WRAPPER = f'''
 import json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import torch
-import model as M, parallel, rl, sft
+import rl, sft
+from minio3 import model as M, parallel
 kill = int(os.environ.get("KILL_AT", "0"))
 if kill:
     real, n = sft.token_logprobs, {{"c": 0}}
@@ -38,7 +39,7 @@ if kill:
 if os.environ.get("REWARD") == "parity":
     rl.rewards_for = lambda trajs, rows, *a, **k: [float(t.token_ids[-1] % 2) for t in trajs]
 if os.environ.get("ENGINE"):
-    from infer import Engine, Sample
+    from minio3.engine import Engine, Sample
     from PIL import Image
     world = parallel.setup()
     model, proc = M.load(sys.argv[1], dtype=torch.float32)
@@ -86,7 +87,7 @@ def sft_args(root: Path, out: Path) -> list[str]:
     # batch 5 on 2 ranks: one rank takes 3 samples, the other 2 (shares of unequal size), each in 2
     # runs of similar length (--length-split 2, the default), as does one process with all 5
     return ["--data", str(root / "cs.jsonl"), "--init", str(root / "init"), "--out", str(out), "--steps", "3",
-            "--batch", "5", "--lr", "1e-3", "--save-every", "2", "--precision", "fp32"]
+            "--batch", "5", "--lr", "1e-3", "--save-every", "2", "--verdict-drills", "0", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,8 @@ def test_one_process_resumes_a_torchrun_checkpoint(two_runs, tmp_path):
     import shutil
     shutil.copytree(two_runs / "killed", tmp_path / "k")
     (tmp_path / "k_log.jsonl").write_text((two_runs / "killed_log.jsonl").read_text())
-    sft.main([*sft_args(two_runs, tmp_path / "k")[:-4], "--steps", "4", "--save-every", "2", "--precision", "fp32",
+    sft.main([*sft_args(two_runs, tmp_path / "k")[:-6], "--steps", "4", "--save-every", "2", "--verdict-drills", "0",
+              "--precision", "fp32",
               "--resume"])
     assert list(losses(tmp_path / "k")) == [1, 2, 3, 4]
 
@@ -142,7 +144,7 @@ def test_rl_runs_two_steps_on_two_ranks(two_runs, probe_dir):
 
 
 def test_engine_on_gathered_weights_equals_the_unsharded_engine(two_runs, probe_dir):
-    from infer import Engine, Sample
+    from minio3.engine import Engine, Sample
     from PIL import Image
     image = probe_dir / read_jsonl(probe_dir / "train.jsonl")[0]["images"][0]
     res = two_runs / "engine.json"
@@ -157,7 +159,7 @@ def test_engine_on_gathered_weights_equals_the_unsharded_engine(two_runs, probe_
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(run_dir):
-    from model import collate
+    from minio3.model import collate
     model, proc = load(str(run_dir / "init"), dtype=torch.float32)
     rows = sft.read_trajectories([str(run_dir / "cs.jsonl")])
     batch = collate(sft.file_batch(rows, 0, 2, 0, proc), proc, "cpu")

@@ -9,15 +9,17 @@ import torch
 
 import collect
 import sft
-from common import render
-from data import load_image, read_jsonl
-from model import collate, save_checkpoint, start_run
+from minio3.conversation import render
+from minio3.data import load_image, read_jsonl
+from minio3.model import collate, save_checkpoint, start_run
+from minio3 import explorer
+from minio3 import trainer
 
 
 def _batch(probe_dir, processor):
     row = read_jsonl(probe_dir / "train.jsonl")[0]
     image = load_image(row, probe_dir)
-    res = collect.explore(image, row["problem"], processor.budget, random.Random(0))
+    res = explorer.explore(image, row["problem"], processor.budget, random.Random(0))
     return collate([render(image, row["problem"], res["turns"], processor)], processor, "cpu")
 
 
@@ -58,7 +60,7 @@ def test_adamw_at_lr_1e6_moves_every_weight_in_fp32_but_few_in_bf16(tiny, probe_
 def test_precision_choice_sets_the_compute_dtype_on_the_cpu(tiny, probe_dir, tmp_path):
     """`auto` on the CPU is float32 (the same loss as `fp32`, to the bit); `bf16` runs the matrix
     work in bfloat16 there too: a loss near the float32 one but not equal, float32 gradients."""
-    import parallel
+    from minio3 import parallel
     model, proc = tiny
     batch = _batch(probe_dir, proc)
     assert not parallel.uses_bf16("cpu", "auto") and parallel.uses_bf16("cuda", "auto")
@@ -66,7 +68,7 @@ def test_precision_choice_sets_the_compute_dtype_on_the_cpu(tiny, probe_dir, tmp
     losses = {}
     for precision in ("fp32", "auto", "bf16"):
         model.zero_grad(set_to_none=True)
-        losses[precision], _ = sft.train_step(model, [batch], sft.sft_loss, 0, tmp_path, precision)
+        losses[precision], _ = trainer.train_step(model, [batch], sft.sft_loss, 0, tmp_path, precision)
         assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
     model.zero_grad(set_to_none=True)
     assert losses["auto"] == losses["fp32"]
@@ -78,7 +80,7 @@ def test_precision_choice_sets_the_compute_dtype_on_the_cpu(tiny, probe_dir, tmp
 def test_best_precision_follows_the_cpu_and_forced_bf16_without_it_warns(tiny, monkeypatch):
     """`best` is bf16 exactly where the hardware computes it (CUDA; a CPU with AVX-512 BF16 or
     AMX) and float32 elsewhere; `bf16` forced on a CPU without either warns (emulated, several times slower)."""
-    import parallel
+    from minio3 import parallel
     model, _ = tiny
     assert parallel.uses_bf16("cuda", "best")
     for avx512_bf16, amx in ((False, False), (True, False), (False, True)):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import base
+from research import base
 import make_probe
-import world
-from data import read_jsonl
+from minio3 import world
+from minio3.data import read_jsonl
 
 
 def _digest(folder):

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import protocol as P
-import sharegpt
-from common import IM_END, IM_START, Budget, encode_chunk, grade, render
-from data import InputError
-from infer import Engine, Sample, Settings
-import world
+from minio3 import protocol as P
+from minio3 import sharegpt
+from minio3.conversation import IM_END, IM_START, Budget, encode_chunk, grade, render
+from minio3.data import InputError
+from minio3.engine import Engine, Sample, Settings
+from minio3 import world
+import minio3.judge
 
 SYS = "Fixture system prompt: search, zoom with <grounding>{\"bbox_2d\": [..], \"source\": ..}</grounding>."
 OBS = ("Fixture: after Action {action_turn} comes Observation {observation_turn}:\n"
@@ -163,7 +164,7 @@ def test_judge_prompt_from_the_official_reward_file(tmp_path):
             return [type("T", (), {"turn_texts": ["Score: 1"]})() for _ in samples]
 
     rows = [{"problem": "<image>\nWhat colour?", "solution": "dark red"}, {"problem": "x", "solution": "7"}]
-    assert ev.judge(FakeJudge(), rows, ["crimson", "7"], texts) == [1.0, 1.0]
+    assert minio3.judge.judge(FakeJudge(), rows, ["crimson", "7"], texts) == [1.0, 1.0]
     assert len(seen) == 1 and seen[0].question == "Q: What colour? | truth: dark red | said: crimson | Score: 0 or 1"
     assert seen[0].system == "Fixture grader."
     f.write_text("QUERY_PROMPT = 'no fields'\nSYSTEM_PROMPT = ''\n")
@@ -218,7 +219,7 @@ def test_sharegpt_round_trip_gives_the_same_tokens_and_mask(tiny, probe_dir, tmp
     assert [m.get("loss") for m in rec["conversations"][2::2]] == [None, False, None, None]
     assert len(rec["images"]) == 3 and rec["conversations"][1]["value"].count("<image>") == 1
     got = sharegpt.tokens(rec, proc)
-    from data import load_image, turn_text
+    from minio3.data import load_image, turn_text
     ref = render(load_image(row, probe_dir), row["problem"], [turn_text(t) for t in row["turns"]], proc,
                  unlearned={1})
     assert got["ids"] == ref["ids"] and got["mask"] == ref["mask"]

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from common import MAX_TURN_CHARS, Action, parse_action
+from minio3.conversation import MAX_TURN_CHARS, Action, parse_action
 
 
 def call(box, source="original_image", **extra):

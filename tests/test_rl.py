@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import rl
-from data import InputError, load_image, read_jsonl
-from infer import Engine, Sample
-from model import collate, load, save_checkpoint, token_logprobs
+from minio3.data import InputError, load_image, read_jsonl
+from minio3.engine import Engine, Sample
+from minio3.model import collate, load, save_checkpoint, token_logprobs
 
 
 def test_group_advantages_official_and_paper():

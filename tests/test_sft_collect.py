@@ -9,13 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import base
+from research import base
 import collect
 import sft
-from common import IM_END, TINY_BUDGET, encode_chunk, render
-from data import load_image, read_jsonl
-from infer import Engine, Sample
+from minio3.conversation import IM_END, TINY_BUDGET, encode_chunk, render
+from minio3.data import load_image, read_jsonl
+from minio3.engine import Engine, Sample
 from conftest import write_explorer_run
+from minio3 import explorer
+from minio3 import drills as drill_lib
 
 BUDGET = TINY_BUDGET
 
@@ -30,7 +32,7 @@ def test_explorer_sees_only_image_and_question(probe_dir):
     right = 0
     for row in rows:
         public = {"images": row["images"], "problem": row["problem"]}   # no target_bbox, no solution
-        res = collect.explore(load_image(public, probe_dir), public["problem"], BUDGET, random.Random(0), depth_first=0.5)
+        res = explorer.explore(load_image(public, probe_dir), public["problem"], BUDGET, random.Random(0), depth_first=0.5)
         assert res["turns"] and res["pattern"] in {"direct", "trial_and_error", "depth_first", "failed"}
         right += res["answer"] == row["solution"]
     assert right >= len(rows) - 1
@@ -59,7 +61,7 @@ def test_rendered_trajectory_equals_engine_tokens_and_masks_only_assistant(tiny,
     model, proc = tiny
     row = read_jsonl(probe_dir / "train.jsonl")[1]   # a medium question: several turns
     image = load_image(row, probe_dir)
-    res = collect.explore(image, row["problem"], proc.budget, random.Random(0))
+    res = explorer.explore(image, row["problem"], proc.budget, random.Random(0))
     s = render(image, row["problem"], res["turns"], proc)
     tok = proc.tokenizer
     forced = [encode_chunk(tok, t) for t in res["turns"]]
@@ -80,7 +82,7 @@ def small_run(tiny, probe_dir, tmp_path_factory):
 
 def _sft(root, out, *extra):
     sft.main(["--data", str(root / "cs.jsonl"), "--init", str(root / "init"), "--out", str(out), "--steps", "4",
-              "--batch", "2", "--save-every", "2", "--lr", "1e-3", *extra])
+              "--batch", "2", "--save-every", "2", "--lr", "1e-3", "--verdict-drills", "0", "--precision", "fp32", *extra])
     return {r["step"]: r["loss"] for r in read_jsonl(out.parent / (out.name + "_log.jsonl"))}
 
 
@@ -128,7 +130,7 @@ def test_worker_processes_give_the_same_batches(small_run):
 def test_runs_of_similar_length_give_the_same_losses_and_weights(small_run):
     """--length-split: a step's trajectories forwarded in runs sorted by length (less padding), each
     run's loss divided by the whole step's token count, is the same step as one padded batch."""
-    from model import by_length
+    from minio3.model import by_length
     runs = by_length([{"ids": [0] * n} for n in (5, 1, 4, 2, 3)], 2)
     assert [[len(s["ids"]) for s in r] for r in runs] == [[1, 2], [3, 4, 5]]
     assert len(by_length([{"ids": [0]}], 4)) == 1
@@ -168,11 +170,11 @@ def test_ledger_thoughts_make_each_zoom_a_copy(probe_dir):
     rows = read_jsonl(probe_dir / "train.jsonl") + read_jsonl(probe_dir / "test.jsonl")
     searched = 0
     for row in rows:
-        res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0))
+        res = explorer.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0))
         if res["pattern"] != "trial_and_error":
             continue
         searched += 1
-        colour, shape = collect.parse_question(row["problem"])
+        colour, shape = explorer.parse_question(row["problem"])
         lists = []
         for k, turn in enumerate(res["turns"][:-1]):
             thought, call = turn.split("</think>")
@@ -194,8 +196,8 @@ def _hard_searches(probe_dir, style: str):
     explorer searches one by one."""
     for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
         image = load_image(row, probe_dir)
-        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
-        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style=style)
+        ledger = explorer.explore(image, row["problem"], BUDGET, random.Random(0))
+        res = explorer.explore(image, row["problem"], BUDGET, random.Random(0), style=style)
         if res["pattern"] == "trial_and_error":
             yield row, ledger, res
 
@@ -208,7 +210,7 @@ def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
     for row, ledger, res in _hard_searches(probe_dir, "backward"):
         searched += 1
         assert res["answer"] == ledger["answer"] == row["solution"]
-        colour, _ = collect.parse_question(row["problem"])
+        colour, _ = explorer.parse_question(row["problem"])
         opening = res["turns"][0].split("</think>")[0]
         assert boxes(opening) == boxes(ledger["turns"][0].split("</think>")[0])
         lists, zooms = [], []
@@ -216,7 +218,7 @@ def test_backward_thoughts_end_each_list_on_the_box_zoomed_next(probe_dir):
             thought, call = turn.split("</think>")
             zooms.append(json.loads(call.split("</grounding>")[0].split("<grounding>")[1])["bbox_2d"])
             lists.append(boxes(thought.split(": ", 1)[1] if not lists else thought.split("Left to check: ")[1]))
-            assert lists[-1][-1] == zooms[-1] and thought.endswith(collect.fmt_box(zooms[-1]) + ".")
+            assert lists[-1][-1] == zooms[-1] and thought.endswith(explorer.fmt_box(zooms[-1]) + ".")
         assert all(a[:-1] == b for a, b in zip(lists, lists[1:]))
         assert zooms == lists[0][::-1][: len(zooms)]
     assert searched >= 2
@@ -233,12 +235,12 @@ def test_chain_thoughts_name_the_checked_box_then_the_next_in_the_opening_words(
     for row, ledger, res in _hard_searches(probe_dir, style):
         searched += 1
         assert res["answer"] == ledger["answer"] and len(res["turns"]) == len(ledger["turns"])
-        colour, shape = collect.parse_question(row["problem"])
+        colour, shape = explorer.parse_question(row["problem"])
         opening = res["turns"][0].split("</think>")[0]
         listing = opening.split(f"The {colour} objects: ")[1].split(". They look alike")[0]
         assert boxes(listing) == boxes(ledger["turns"][0].split("</think>")[0])
         zooms = [boxes(t.split("<grounding>")[1])[0] for t in res["turns"][:-1]]
-        assert opening.endswith(f"the {colour} objects: {collect.fmt_box(zooms[0])}.")
+        assert opening.endswith(f"the {colour} objects: {explorer.fmt_box(zooms[0])}.")
         for k, turn in enumerate(res["turns"][1:-1], start=1):
             pair = turn.split("Next in the list: ")[1].split(".</think>")[0]
             assert pair in listing and boxes(pair) == [zooms[k - 1], zooms[k]]
@@ -261,7 +263,7 @@ def test_index_thoughts_number_the_list_and_name_the_next_number_and_its_box(pro
     for row, ledger, res in _hard_searches(probe_dir, "index-goal"):
         searched += 1
         assert res["answer"] == ledger["answer"] and len(res["turns"]) == len(ledger["turns"])
-        colour, shape = collect.parse_question(row["problem"])
+        colour, shape = explorer.parse_question(row["problem"])
         opening = res["turns"][0].split("</think>")[0]
         listing = opening.split(f"The {colour} objects: ")[1].split(". They look alike")[0]
         numbered = dict(re.findall(r"\((\d+)\) (\[[^\]]*\])", listing))
@@ -274,7 +276,7 @@ def test_index_thoughts_number_the_list_and_name_the_next_number_and_its_box(pro
             assert int(number) == k and box == numbered[number] and boxes(box)[0] == zooms[k - 1]
             assert turn.startswith(f"<think>I want the {colour} {shape}. It is a ")
         assert res["turns"][-1].split("</think>")[0].endswith(f"{shape} is the same.")
-        out = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0),
+        out = explorer.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0),
                               style="index-goal", slips=1.0)
         for k, turn in enumerate(out["turns"]):
             if isinstance(turn, dict):
@@ -290,10 +292,10 @@ def test_slips_zoom_a_neighbour_without_a_loss_then_name_the_meant_box_again(pro
     slipped = 0
     for row, ledger, res in _hard_searches(probe_dir, "chain-compare"):
         image = load_image(row, probe_dir)
-        assert collect.explore(image, row["problem"], BUDGET, random.Random(0), style="chain-compare", slips=0.0) == res
-        out = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="chain-compare", slips=1.0)
+        assert explorer.explore(image, row["problem"], BUDGET, random.Random(0), style="chain-compare", slips=0.0) == res
+        out = explorer.explore(image, row["problem"], BUDGET, random.Random(0), style="chain-compare", slips=1.0)
         assert out["answer"] == row["solution"]
-        colour, _ = collect.parse_question(row["problem"])
+        colour, _ = explorer.parse_question(row["problem"])
         for k, turn in enumerate(out["turns"]):
             if not isinstance(turn, dict):
                 continue
@@ -308,8 +310,8 @@ def test_slips_zoom_a_neighbour_without_a_loss_then_name_the_meant_box_again(pro
             assert after.startswith(f"<think>There is no {colour} object here.") or f"is not {colour}." in after
     assert slipped >= 2
     row, _, res = next(_hard_searches(probe_dir, "chain-goal"))   # the goal style: the goal, then what the crop shows
-    out = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="chain-goal", slips=1.0)
-    colour, shape = collect.parse_question(row["problem"])
+    out = explorer.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="chain-goal", slips=1.0)
+    colour, shape = explorer.parse_question(row["problem"])
     after = [out["turns"][k + 1] for k, t in enumerate(out["turns"]) if isinstance(t, dict)]
     assert after and all(re.match(rf"<think>I want the {colour} {shape}\. (There is no {colour} object here: not it"
                                   rf"|It is a \w+ \w+ with the character \w: \w+ is not {colour})\. Next", a) for a in after)
@@ -331,7 +333,7 @@ def test_slipped_turns_carry_no_loss(tiny, probe_dir):
 
 def test_plain_thoughts_are_the_earlier_wording(probe_dir):
     row = next(r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard")
-    res = collect.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
+    res = explorer.explore(load_image(row, probe_dir), row["problem"], BUDGET, random.Random(0), style="plain")
     assert all("Left to check" not in t for t in res["turns"])
     assert any(t.startswith("<think>It is a") and "I check the next one." in t for t in res["turns"])
 
@@ -342,9 +344,9 @@ def test_compare_thoughts_put_both_shapes_side_by_side(probe_dir):
     the end; the seen shape is the one the crop showed (the ledger style's words, same search)."""
     for row in [r for r in read_jsonl(probe_dir / "train.jsonl") if r["difficulty"] == "hard"]:
         image = load_image(row, probe_dir)
-        ledger = collect.explore(image, row["problem"], BUDGET, random.Random(0))
-        res = collect.explore(image, row["problem"], BUDGET, random.Random(0), style="compare")
-        colour, shape = collect.parse_question(row["problem"])
+        ledger = explorer.explore(image, row["problem"], BUDGET, random.Random(0))
+        res = explorer.explore(image, row["problem"], BUDGET, random.Random(0), style="compare")
+        colour, shape = explorer.parse_question(row["problem"])
         assert len(res["turns"]) == len(ledger["turns"]) and res["answer"] == ledger["answer"]
         for old, new in zip(ledger["turns"][1:-1], res["turns"][1:-1]):
             seen = re.match(rf"<think>It is a {colour} (\w+) with", old).group(1)
@@ -358,7 +360,7 @@ def test_compare_thoughts_put_both_shapes_side_by_side(probe_dir):
 def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
     """A drill ends its thought on a description; the label is the verdict that follows, which
     says "This is" exactly when the described shape is the asked one."""
-    from drills import verdict_drill
+    from minio3.drills import verdict_drill
     rng = np.random.default_rng(3)
     yes = 0
     for _ in range(400):
@@ -370,8 +372,8 @@ def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
         yes += seen == shape
     assert 160 < yes < 240
     _, proc = tiny
-    drills = sft.drill_batch(5, 6, seed=0, processor=proc)
-    assert drills == sft.drill_batch(5, 6, seed=0, processor=proc) != sft.drill_batch(6, 6, seed=0, processor=proc)
+    drills = drill_lib.drill_batch(5, 6, seed=0, processor=proc)
+    assert drills == drill_lib.drill_batch(5, 6, seed=0, processor=proc) != drill_lib.drill_batch(6, 6, seed=0, processor=proc)
     for d in drills:
         labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
         assert labelled.startswith((". This is the ", ", not the ")) and labelled.endswith(".")
@@ -382,8 +384,8 @@ def test_verdict_drills_label_only_the_verdict_and_half_say_yes(tiny):
 def test_compare_drills_label_the_decision(tiny):
     """In the compare style the thought ends on the copies of the asked and the seen shape and "is";
     the label is the decision (" the same." exactly when the shapes are equal); an unknown style is refused."""
-    from common import verdict
-    from drills import verdict_drill
+    from minio3.conversation import verdict
+    from minio3.drills import verdict_drill
     rng = np.random.default_rng(4)
     for _ in range(200):
         question, thought, said = verdict_drill(rng, "compare")
@@ -400,7 +402,7 @@ def test_compare_drills_label_the_decision(tiny):
     with pytest.raises(ValueError, match="verdict style"):
         verdict("red", "circle", "square", "8", "shouty")
     _, proc = tiny
-    for d in sft.drill_batch(0, 8, seed=0, processor=proc, style="compare", search_share=0.5):
+    for d in drill_lib.drill_batch(0, 8, seed=0, processor=proc, style="compare", search_share=0.5):
         labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
         assert re.fullmatch(r"(the same|not \w+) ?\.", labelled.strip()), labelled
 
@@ -410,9 +412,9 @@ def test_look_drills_show_what_the_cell_holds(tiny):
     cell of one probe picture, by their pixels (the asked colour's fill is in the first two and
     nowhere in the last two; the empty one holds no object colour at all), each answered with what it
     shows; drill_batch labels exactly the answer (and the end of the message) after one picture."""
-    from common import look_verdict
-    from drills import look_drills
-    from world import COLOURS
+    from minio3.conversation import look_verdict
+    from minio3.drills import look_drills
+    from minio3.world import COLOURS
     fill = lambda crop, c: int((np.asarray(crop.convert("RGB")) == COLOURS[c]).all(-1).sum())
     rng = np.random.default_rng(5)
     for _ in range(30):
@@ -428,8 +430,8 @@ def test_look_drills_show_what_the_cell_holds(tiny):
     assert look_verdict("red", "circle", None) == "There is no red object here."
     assert look_verdict("red", "circle", ("blue", "circle", "4")) == "It is a blue circle with the character 4, not the red circle."
     _, proc = tiny
-    drills = sft.drill_batch(3, 6, seed=0, processor=proc, kind="look", style="compare")
-    assert drills[0]["ids"] == sft.drill_batch(3, 6, seed=0, processor=proc, kind="look", style="compare")[0]["ids"]
+    drills = drill_lib.drill_batch(3, 6, seed=0, processor=proc, kind="look", style="compare")
+    assert drills[0]["ids"] == drill_lib.drill_batch(3, 6, seed=0, processor=proc, kind="look", style="compare")[0]["ids"]
     for d in drills:
         labelled = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
         assert re.fullmatch(r"(It is a|There is no) .*: .*\.<\|im_end\|>", labelled), labelled
@@ -442,8 +444,8 @@ def test_ledger_drills_label_only_the_copies_and_each_copy_is_right(tiny):
     of the list just written, each "Left to check:" is the previous list minus its last box, the
     opening list is in reading order; the labelled characters are exactly the ledgers and the calls'
     boxes, and the labelled tokens of drill_batch are those covering them in the whole text's tokens."""
-    from common import parse_action
-    from drills import ledger_drill
+    from minio3.conversation import parse_action
+    from minio3.drills import ledger_drill
     rng = np.random.default_rng(6)
     misses = Counter()
     for _ in range(200):
@@ -467,8 +469,8 @@ def test_ledger_drills_label_only_the_copies_and_each_copy_is_right(tiny):
         assert labelled == []
     assert set(misses) == {1, 2, 3}
     _, proc = tiny
-    drills = sft.drill_batch(2, 6, seed=0, processor=proc, kind="ledger")
-    assert drills == sft.drill_batch(2, 6, seed=0, processor=proc, kind="ledger")
+    drills = drill_lib.drill_batch(2, 6, seed=0, processor=proc, kind="ledger")
+    assert drills == drill_lib.drill_batch(2, 6, seed=0, processor=proc, kind="ledger")
     same = np.random.default_rng([0, 2, 0, 8])   # drill_batch's stream: a drill, then its prompt's draw
     for d in drills:
         tail = proc.tokenizer.encode(ledger_drill(same)[1], add_special_tokens=False)
@@ -478,7 +480,7 @@ def test_ledger_drills_label_only_the_copies_and_each_copy_is_right(tiny):
         text = proc.tokenizer.decode([i for i, m in zip(d["ids"], d["mask"]) if m])
         assert re.fullmatch(r"( ?\[[\d., ]+\][.,]?)+", text), text
     with pytest.raises(ValueError, match="drill kind"):
-        sft.drill_batch(0, 1, seed=0, processor=proc, kind="shouty")
+        drill_lib.drill_batch(0, 1, seed=0, processor=proc, kind="shouty")
 
 
 def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
@@ -486,16 +488,16 @@ def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
     whose every labelled token gets probability > 1/2; it is 1 for a model that always knows."""
     model, proc = tiny
     for style in ("ledger", "compare"):
-        drills = sft.drill_batch(0, 12, seed=5, processor=proc, search_share=0.5, style=style)
+        drills = drill_lib.drill_batch(0, 12, seed=5, processor=proc, search_share=0.5, style=style)
         right = []
         with torch.no_grad():
             for d in drills:
                 p = torch.softmax(model(input_ids=torch.tensor([d["ids"]])).logits[0].float(), -1)
                 right.append(all(p[t - 1, d["ids"][t]].item() > 0.5 for t in range(1, len(d["ids"])) if d["mask"][t]))
-        assert sft.drill_accuracy(model, proc, n=12, seed=5, style=style) == pytest.approx(np.mean(right))
+        assert drill_lib.drill_accuracy(model, proc, n=12, seed=5, style=style) == pytest.approx(np.mean(right))
     vocab = model.config.text_config.vocab_size
-    lengths = [len(d["ids"]) for d in sft.drill_batch(0, 12, seed=5, processor=proc, style="compare",
-                                                      search_share=sft.DRILL_SEARCH_SHARE)]
+    lengths = [len(d["ids"]) for d in drill_lib.drill_batch(0, 12, seed=5, processor=proc, style="compare",
+                                                      search_share=drill_lib.DRILL_SEARCH_SHARE)]
 
     class Oracle(torch.nn.Module):   # all its mass on the drill's next token, except at the last
         device = torch.device("cpu")  # token of rows 0, 3, 6, 9, where a wrong token gets most
@@ -507,16 +509,16 @@ def test_drill_accuracy_matches_a_one_by_one_reference(tiny):
                 last = lengths[b] - 2          # predicts the final labelled token
                 logits[b, last, (input_ids[b, last + 1] + 1) % vocab] = 1.0
             return type("Out", (), {"logits": logits})()
-    assert sft.drill_accuracy(Oracle(), proc, n=12, seed=5, style="compare") == pytest.approx(8 / 12)
+    assert drill_lib.drill_accuracy(Oracle(), proc, n=12, seed=5, style="compare") == pytest.approx(8 / 12)
 
 
 def test_a_drill_batch_is_a_loss_of_its_own(tiny):
     """Text-only batches collate without pixels; a drill batch's loss is the mean over its own
     labelled tokens (computed here token by token), whatever the step's trajectory token count,
     times the drills' weight."""
-    from model import collate
+    from minio3.model import collate
     model, proc = tiny
-    drills = sft.drill_batch(0, 3, seed=1, processor=proc)
+    drills = drill_lib.drill_batch(0, 3, seed=1, processor=proc)
     batch = collate(drills, proc, "cpu")
     assert "pixel_values" not in batch
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import rope_positions
+from minio3.conversation import rope_positions
 
 try:  # flash-attn is optional and used on CUDA only
     from flash_attn import flash_attn_with_kvcache

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data import atomic_path
+from minio3.data import atomic_path
 
 MAX_ROWS = 300          # a longer run shows its first MAX_ROWS trajectories, and says so
 OVERVIEW_PX = 360       # overview width on the page

@@ -1,6 +1,6 @@
 """Stage 5: the ablation table, with standard errors (run_ablation.sh runs the arms, then this).
 
-    python ablation.py --arm "SFT=runs/ablation/eval_sft" \\
+    python -m research.ablation --arm "SFT=runs/ablation/eval_sft" \\
         --arm "RL=runs/ablation/eval_rl_s0,runs/ablation/eval_rl_s1,runs/ablation/eval_rl_s2" \\
         --arm "RL, no masking=runs/ablation/eval_nomask_s0,..." --diff RL "RL, no masking" --out runs/ablation
 
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import InputError, POSITIVE, atomic_path, main_cli, read_jsonl, turn_caps
-from eval import correct_at_cap, line_plot
+from minio3.data import InputError, POSITIVE, atomic_path, main_cli, read_jsonl, turn_caps
+from eval import correct_at_cap
+from minio3.plots import line_plot
 
 
 def read_arm(spec: str) -> tuple[str, list[Path]]:

@@ -64,9 +64,11 @@ PROBABILITY = flag(float, 0.0, 1.0, low_open=True)   # top-p: (0, 1]
 SHARE = flag(float, 0.0, 1.0)
 
 
-def names(text: str) -> list[str]:
-    """--levels "medium,hard", --train-modules "layers.3.mlp": the comma-separated names, empty ones dropped."""
-    return [w for w in text.split(",") if w]
+def names(text: str) -> list[str] | None:
+    """--levels "medium,hard", --train-modules "layers.3.mlp": the comma-separated names, empty ones
+    dropped; "all" (or nothing) is None: no selection."""
+    kept = [w for w in text.split(",") if w]
+    return None if kept in ([], ["all"]) else kept
 
 
 def turn_caps(text: str) -> list[int]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import SPECIAL_TOKEN, InputError
-from protocol import DEFAULT, IMAGE, SYSTEM_PROMPT, Protocol, neutralise, official_call
+from minio3.data import SPECIAL_TOKEN, InputError
+from minio3.protocol import DEFAULT, IMAGE, SYSTEM_PROMPT, Protocol, neutralise, official_call
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]   # the project folder (checkpoints/, exemplars/)
 
 # ----------------------------------------------------------------------------------------------
 # The protocol. Texts are our own words (protocol.py; swappable with --prompts); tags, JSON keys,

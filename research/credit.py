@@ -2,7 +2,7 @@
 
     python eval.py --model runs/tiny/sft --data runs/tiny/probe/train.jsonl --levels hard --limit 64 \\
         --samples 8 --temperature 0.7 --turn-caps 6 --max-total-tokens 4096 --out runs/tiny/rollouts_sft
-    python credit.py runs/tiny/rollouts_sft
+    python -m research.credit runs/tiny/rollouts_sft
 
 eval.py --samples K rolls each question out K times, as an RL step does (use rl.py's temperature,
 turn limit and token limit). Each question's K rollouts are one group: their rewards (1 if right)
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from data import InputError, atomic_path, main_cli, read_jsonl
-from eval import _font, diagnose
+from minio3.data import InputError, atomic_path, main_cli, read_jsonl
+from minio3.failures import diagnose
+from minio3.plots import font
 from rl import group_advantages
 
 # habit -> how many times one rollout shows it, from its record and eval.diagnose's flags
@@ -114,7 +115,7 @@ def credit_chart(table: dict, path: Path, title: str):
     H = T + row * len(habits) + 56
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
-    d.font = _font()
+    d.font = font()
     d.text((10, 12), title, fill="black")
     mid, half = L + (W - L - 20) / 2, (W - L - 20) / 2 - 10
     x = lambda v: mid + half * v / span

@@ -81,7 +81,7 @@ def setup(device: str | None = None) -> World:
     """This process's place: one process (WORLD_SIZE unset or 1) or a torchrun rank."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        from model import pick_device
+        from minio3.model import pick_device
         return World(0, 1, device or pick_device())
     cuda = torch.cuda.is_available() and device != "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -118,7 +118,7 @@ PRECISION_HELP = ("the compute's precision: bf16 autocast over float32 weights (
 def native_bf16(device_type: str) -> bool:
     """Whether this machine computes bfloat16 natively: CUDA, or a CPU with AVX-512 BF16 or AMX.
     Elsewhere (AVX2 CPUs: most laptops, older servers) bf16 matrix work is emulated and measured
-    6.6x slower than float32 on one SFT step (NOTES.md section 17)."""
+    6.6x slower than float32 on one SFT step, measured on such a CPU."""
     if device_type == "cuda":
         return True
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # private: absent means no
@@ -185,7 +185,7 @@ def save(model, opt, processor, out: Path, world: World, extra: dict):
     """A checkpoint: the Hugging Face folder (rank 0, full weights) with `extra` files; under
     torchrun the optimizer's shards go beside them (torch.distributed.checkpoint), one process
     keeps the optimizer inside trainer_state.pt as before."""
-    from model import save_checkpoint
+    from minio3.model import save_checkpoint
     if not world.sharded:
         save_checkpoint(model, processor, out, {**extra, "trainer_state.pt": {
             **extra.get("trainer_state.pt", {}), "optimizer": opt.state_dict()}})
@@ -214,7 +214,7 @@ def _tied(model) -> bool:
 
 
 def _write_main(model, weights: dict, processor, out: Path, staging: Path, extra: dict):
-    from data import atomic_path
+    from minio3.data import atomic_path
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, state_dict=weights)
         processor.save_pretrained(tmp)

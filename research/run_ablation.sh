@@ -4,15 +4,16 @@
 #   SFT alone | RL with over-turn masking | RL without it | RL straight from the base (no cold start)
 # Each RL arm is trained once per seed and evaluated greedily at turn caps 1-16; ablation.py then
 # prints one table (accuracy ± standard error, questions and seeds resampled), the differences that
-# the paper claims, and draws <out>/ablation.png. Three regimes (run bash run_tiny.sh first):
+# the paper claims, and draws <out>/ablation.png. Run from anywhere: bash research/run_ablation.sh.
+# Three regimes (run bash run_tiny.sh first):
 #   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, hard questions, T 0.7,
 #     the last MLP alone);
 #     out: runs/ablation. SEEDS="0 1 2" (default) 1-2 hours on 2 CPU cores; SEEDS="0" 25-40 minutes.
-#   REGIME=hard: NOTES.md section 13's: SFT on numbered-list trajectories (collect --thoughts
+#   REGIME=hard: the numbered-list experiment's (research/LOG.md): SFT on numbered-list trajectories (collect --thoughts
 #     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
 #     minutes), then RL on hard questions only, 40 steps at temperature 0.7, where masking acts on
 #     a third to a half of the rollouts; out: runs/ablation_hard. About 45 minutes a seed.
-#   REGIME=long: NOTES.md section 14's: REGIME=hard's SFT model (made if missing) trained 400 more
+#   REGIME=long: the longer-SFT experiment's: REGIME=hard's SFT model (made if missing) trained 400 more
 #     steps (a new schedule at lr 5e-4, data seed 1; about 25 minutes), then the same RL on hard
 #     questions at lr 5e-5, between the 1e-4 that breaks this model and the 2e-5 that leaves it be;
 #     out: runs/ablation_long. About 45 minutes a seed.
@@ -21,10 +22,10 @@
 # already there is not trained again (FRESH=1 starts over in the regime's folder: REGIME=hard
 # makes its SFT model again, REGIME=long its 400 more steps but not REGIME=hard's model).
 # LANES=2 trains two arms at a time, each on half the cores, its output in <out>/lane0.log and
-# lane1.log: on 2 cores more arms an hour than one arm on both (NOTES.md section 23), though not
+# lane1.log: on 2 cores more arms an hour than one arm on both, though not
 # bit-identical to them (a float sum over 1 thread is not the sum over 2).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the project folder
 SEEDS=${SEEDS:-"0 1 2"}
 TEST=runs/ablation/test        # every regime: the same questions
 REGIME=${REGIME:-tiny}
@@ -33,9 +34,9 @@ case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
         DEFAULT_RL="$ON_HARD --steps 20 --lr 1e-4 --train-modules layers.3.mlp" ;;   # run_tiny.sh's RL
   hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
-        DEFAULT_RL="$ON_HARD --steps 40 --lr 1e-4" ;;
+        DEFAULT_RL="$ON_HARD --steps 40 --lr 1e-4 --train-modules all" ;;
   long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
-        DEFAULT_RL="$ON_HARD --steps 40 --lr 5e-5" ;;
+        DEFAULT_RL="$ON_HARD --steps 40 --lr 5e-5 --train-modules all" ;;
   *) echo "REGIME must be tiny, hard or long, not '$REGIME'"; exit 1 ;;
 esac
 RL_FLAGS=${RL_FLAGS:-$DEFAULT_RL}
@@ -55,13 +56,13 @@ DRILLS="--verdict-drills 8 --verdict-style goal --drill-weight 0.5 --look-drills
 if [ ! -f $SFT/model.safetensors ]; then
   [ "$REGIME" = tiny ] && { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
   if [ ! -f $NUMBERED/sft/model.safetensors ]; then
-    stage "SFT on numbered-list trajectories (NOTES.md section 13)"
+    stage "SFT on numbered-list trajectories"
     python collect.py --data runs/tiny/probe/train.jsonl --out $NUMBERED/coldstart.jsonl --thoughts index-goal --slips 0.5
     python sft.py --data $NUMBERED/coldstart.jsonl --init tiny-base --out $NUMBERED/sft --steps 400 --batch 8 --lr 1e-3 \
       $DRILLS --overwrite
   fi
   if [ "$REGIME" = long ]; then
-    stage "400 more SFT steps on the same trajectories (NOTES.md section 14)"
+    stage "400 more SFT steps on the same trajectories"
     python sft.py --data $NUMBERED/coldstart.jsonl --init $NUMBERED/sft --out $SFT --steps 400 --batch 8 --lr 5e-4 \
       --seed 1 $DRILLS --overwrite
   fi
@@ -107,5 +108,5 @@ for a in $ARMS; do args+=(--arm "$(name $a)=$(dirs $a)"); done
 has mask && has nomask && args+=(--diff "RL, masking" "RL, no masking")
 has mask && args+=(--diff "RL, masking" "SFT (cold start)")
 has mask && has nocold && args+=(--diff "RL, masking" "RL, no cold start")
-python ablation.py "${args[@]}"
+python -m research.ablation "${args[@]}"
 echo; echo "done in $(( $(date +%s) - T0 ))s; plot: $A/ablation.png"

@@ -1,7 +1,7 @@
 """The tiny base: single-turn perception pretraining of the tiny model, from random weights.
 
-    python base.py --write-data data/base --n-test 500 --seed 7          # held-out base records
-    python base.py --init tiny --out runs/base/ck --steps 15000 --batch 16 --lr 1e-3 --vision-lr 3e-3 \
+    python -m research.base --write-data data/base --n-test 500 --seed 7          # held-out base records
+    python -m research.base --init tiny --out runs/base/ck --steps 15000 --batch 16 --lr 1e-3 --vision-lr 3e-3 \
                    --warmup 0.01 --eval-data data/base/base_test.jsonl --eval-every 1500
 
 Reads: nothing but --init (the pictures are drawn on the fly; --eval-data: held-out records).
@@ -12,10 +12,11 @@ Writes: a checkpoint folder (--out) and its log, as sft.py does; with --write-da
 model starts from nothing, so this script teaches it to see in the tiny world first, in the plain
 chat format: describe the object in a crop; read its character; give the box of an object; list
 the boxes of all objects of one colour; find "the red triangle" in an easy overview (and, as
-options, text-only drills: `compare`, of the search's verdict, NOTES.md section 7; `ledger`, of
-stepping through one's own list, section 9). An auxiliary per-token loss on the vision tower (colour, shape, character and grid cell of what each image
-token shows) and vision-only steps on dense "glyph sheets" give the small vision tower dense
-targets (NOTES.md says why). It trains through sft.py's `train`, the same loop as SFT.
+options, text-only drills: `compare`, of the search's verdict; `ledger`, of stepping through one's
+own list). An auxiliary per-token loss on the vision tower (colour, shape, character and grid cell
+of what each image token shows) and vision-only steps on dense "glyph sheets" give the small vision
+tower dense targets (research/LOG.md tells how each was found). It trains through
+minio3/trainer.py's `train`, the same loop as SFT.
 The result is committed as checkpoints/tiny-base, so nobody has to run this.
 """
 from __future__ import annotations
@@ -29,12 +30,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, fmt_box, render, verdict
-from data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
-from infer import Engine, Sample, Settings
-from model import collate, pick_device, seed_everything, start_run
-from sft import add_training_args, drill_accuracy, drill_batch, read_held_out, sft_loss, spread, train
-from world import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
+from minio3.conversation import Budget, IM_END, PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, fmt_box, render, verdict
+from minio3.data import NONNEGATIVE, NONNEGATIVE_FLOAT, atomic_path, load_image, main_cli, write_jsonl
+from minio3.engine import Engine, Sample, Settings
+from minio3.model import collate, pick_device, seed_everything, start_run
+from minio3.drills import drill_accuracy, drill_batch
+from minio3.trainer import add_training_args, read_held_out, spread, train
+from sft import sft_loss
+from minio3.world import (BUDGET, COLOURS, DOT, GLYPHS, GRID, LEVELS, SHAPES, SPLIT_IDS, ask, background,
                    cell_box, draw_object, probe_sample, scene)
 
 # ----------------------------------------------------------------------------------------------

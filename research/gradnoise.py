@@ -1,6 +1,6 @@
 """How many rollouts does one RL step need? GRPO's gradient noise scale, measured on a policy.
 
-    python gradnoise.py --model runs/ablation_long/sft --levels hard --temperature 0.7 \\
+    python -m research.gradnoise --model runs/ablation_long/sft --levels hard --temperature 0.7 \\
         --precision best --groups 64 --report runs/gradnoise_long
 
 Every other flag is rl.py's and means what it means there (the rollouts, the loss, the masking).
@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import parallel
+from minio3 import parallel
 import rl
-from data import InputError, POSITIVE, atomic_path, main_cli, read_records, select_levels
-from eval import line_plot
-from infer import Engine
-from model import language_module, load, seed_everything, token_logprobs
-from protocol import apply_pixels, protocol_from_args
+from minio3.data import InputError, POSITIVE, atomic_path, main_cli, read_records, select_levels
+from minio3.plots import line_plot
+from minio3.engine import Engine
+from minio3.model import language_module, load, seed_everything, token_logprobs
+from minio3.protocol import apply_pixels, protocol_from_args
 
 ARMS = ("mask", "nomask")
 

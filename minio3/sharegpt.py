@@ -23,10 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import (Episode, IM_END, IM_START, PLAIN_SYSTEM_PROMPT, encode_chunk, has_special, image_token_count,
+from minio3.conversation import (Episode, IM_END, IM_START, PLAIN_SYSTEM_PROMPT, encode_chunk, has_special, image_token_count,
                     tool_turn_text)
-from data import InputError, atomic_path, check_image, image_path, load_image, turn_text
-from protocol import DEFAULT, IMAGE, Protocol, neutralise
+from minio3.data import InputError, atomic_path, check_image, image_path, load_image, turn_text
+from minio3.protocol import DEFAULT, IMAGE, Protocol, neutralise
 
 TAG = "<image>"   # LLaMA-Factory's image placeholder in a message
 

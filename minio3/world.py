@@ -17,7 +17,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import QUESTION, TINY_BUDGET, WORDS, Budget
+from minio3.conversation import QUESTION, TINY_BUDGET, WORDS, Budget
 
 GRID = 8
 # Each sample is drawn from the generator seeded with (seed, SPLIT_IDS[split], index).

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from data import SPECIAL_TOKEN, InputError
+from minio3.data import SPECIAL_TOKEN, InputError
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image; the pad is expanded per image
 
@@ -309,6 +309,9 @@ PRESETS = {
         "max_turn_tokens": 8192, "max_total_tokens": 32_768 - 2_000, "max_images": 12,
         "turn_caps": "1,2,4,6,8,12",   # evaluation at 12 turns (rl.py keeps its --max-turns 6)
         "numbering": "turns", "parser": "official", "answer": "first",
+        "temperature": 1.0,                      # rollouts and Avg@K sampled at temperature 1, as the paper
+        "levels": None, "train_modules": None,   # rl.py: every question, the whole model (not the tiny recipe's)
+        "verdict_drills": 0,                     # sft.py: no tiny-world drills
     },
 }
 PIXEL_RULES = ("qwen", "mini-o3")

@@ -2,14 +2,19 @@
 the trajectories hold (sft.py --verdict-drills / --ledger-drills / --look-drills, base.py's `compare`
 and `ledger` tasks). The verdict and ledger drills are text only; the look drill is one crop of a
 probe picture. Each returns its texts (and picture) and what of them is learned from;
-sft.drill_batch turns them into tokens and labels."""
+`drill_batch` turns them into tokens and labels, `drill_accuracy` scores a model on fresh ones."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 from PIL import Image
 
-from common import QUESTION, WORDS, fmt_box, look_verdict, observation_text, tool_turn_text, verdict, zoom_text
-from world import GRID, LEVELS, ask, cell_box, probe_sample
+from minio3.conversation import (PLAIN_SYSTEM_PROMPT, QUESTION, SYSTEM_PROMPT, WORDS, encode_chunk, fmt_box, look_verdict,
+                                 observation_text, prompt_text, render, tool_turn_text, verdict, zoom_text)
+from minio3.model import collate, token_logprobs
+from minio3.world import GRID, LEVELS, ask, cell_box, probe_sample
 
 
 def verdict_drill(rng: np.random.Generator, style: str = "ledger") -> tuple[str, str, str]:
@@ -75,7 +80,7 @@ def look_drills(rng: np.random.Generator, style: str = "ledger") -> list[tuple[I
     "Is this the <colour> <shape>?" about the picture's target and answered by `look_verdict`. The
     explorer never zooms a cell without a candidate, so from its trajectories alone the model learns
     that a crop always shows an object of the asked colour and describes one in an empty cell too.
-    (NOTES.md section 12: alone, these drills taught the look-alikes but not the empty cells inside
+    (Measured: alone, these drills taught the look-alikes but not the empty cells inside
     a search; with collect.py --slips 0.5 beside them, the empty crops were said to be empty.)
     Returns [(crop, problem, answer)] (the problem with its "<image>"; every answer token learned)."""
     level = str(rng.choice(list(LEVELS)))
@@ -93,3 +98,64 @@ def look_drills(rng: np.random.Generator, style: str = "ledger") -> list[tuple[I
         crop = img.crop(tuple(int(v * size) for v in cell_box(cell)))
         out.append((crop, ask(f"Is this the {colour} {shape}?"), look_verdict(colour, shape, seen, style)))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Drills as training batches
+# ----------------------------------------------------------------------------------------------
+DRILL_SEARCH_SHARE = 0.5   # drills under the search's long system prompt, the rest under the plain one
+
+
+DRILL_KINDS = ("verdict", "ledger", "look")   # sft.py --<kind>-drills N
+
+
+DRILL_LOG = {"verdict": "drills", "ledger": "ledger_drills", "look": "look_drills"}   # their names in the log
+
+
+def drill_batch(step: int, n: int, seed: int, processor, rank: int = 0, search_share: float = 0.0,
+                style: str = "ledger", kind: str = "verdict") -> list[dict]:
+    """n drills of one kind. `verdict` (drills.verdict_drill): the question, a thought that ends on a
+    description, the loss on the verdict only; half of them describe the asked object, so only
+    comparing the two shapes lowers the loss. `ledger` (drills.ledger_drill): a search without its
+    crops, the loss on the copies only (each "Left to check:" list and each call's box). `look`
+    (drills.look_drills): one crop, "Is this the <colour> <shape>?", the loss on the whole answer
+    (what the crop shows, then the verdict). The short plain system prompt keeps them short; a share
+    `search_share` carries the search's own (about 220 tokens)."""
+    if kind not in DRILL_KINDS:
+        raise ValueError(f"unknown drill kind {kind!r}; choose from {DRILL_KINDS}")
+    rng, tok = np.random.default_rng([seed, step, rank, 7 + DRILL_KINDS.index(kind)]), processor.tokenizer
+    out, looks = [], []
+    for _ in range(n):
+        if kind == "look":
+            looks = looks or look_drills(rng, style)
+            crop, problem, answer = looks.pop()
+        elif kind == "ledger":
+            question, said, spans = ledger_drill(rng)
+        else:
+            question, thought, said = verdict_drill(rng, style)
+        system = SYSTEM_PROMPT if rng.random() < search_share else PLAIN_SYSTEM_PROMPT
+        if kind == "look":
+            out.append(render(crop, problem, [answer], processor, system=system))
+            continue
+        if kind == "ledger":
+            head = encode_chunk(tok, prompt_text(question, system, image=False))
+            enc = tok(said, return_offsets_mapping=True, add_special_tokens=False)
+            tail, learn = enc["input_ids"], [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+        else:
+            head = encode_chunk(tok, prompt_text(question, system, image=False) + thought)
+            tail = encode_chunk(tok, said)
+            learn = [True] * len(tail)
+        out.append({"ids": head + tail, "mask": [False] * len(head) + learn, "shown": []})
+    return out
+
+
+@torch.no_grad()
+def drill_accuracy(model, processor, n: int = 256, seed: int = 10 ** 6, search_share: float = DRILL_SEARCH_SHARE,
+                   style: str = "ledger", kind: str = "verdict") -> float:
+    """Drills of one kind on n fresh drills (a seed no training run uses): the share whose every
+    labelled token (the verdict's decision and the words after it; every copy of a ledger drill)
+    gets a probability above one half under teacher forcing."""
+    samples = drill_batch(0, n, seed, processor, search_share=search_share, style=style, kind=kind)
+    batch = collate(samples, processor, model.device)
+    right = (token_logprobs(model, batch) > math.log(0.5)) | ~batch["loss_mask"]
+    return float(right.all(dim=1).float().mean())

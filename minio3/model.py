@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (Budget, IM_END, PLAIN_SYSTEM_PROMPT, ROOT, SYSTEM_PROMPT, TINY_MAX_PIXELS,
+from minio3.conversation import (Budget, IM_END, PLAIN_SYSTEM_PROMPT, ROOT, SYSTEM_PROMPT, TINY_MAX_PIXELS,
                     TINY_MIN_PIXELS, WORDS, error_text, observation_text, rope_positions)
-from data import InputError, atomic_path, recover
+from minio3.data import InputError, atomic_path, recover
 
 TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
 
@@ -178,7 +178,7 @@ def build_tiny(seed: int = 0, patch_init_std: float = 0.1, **overrides):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **overrides))
-    with torch.no_grad():   # a larger patch-embedding init lets colour reach the LM early (NOTES)
+    with torch.no_grad():   # a larger patch-embedding init lets colour reach the LM early (research/LOG.md)
         model.model.visual.patch_embed.proj.weight.normal_(0.0, patch_init_std)
     return model, Processor(tokenizer, image_processor)
 

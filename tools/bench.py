@@ -1,4 +1,4 @@
-"""The engine's benchmark: `python bench.py [--repeats 5]` prints one JSON object last.
+"""The engine's benchmark: `python -m tools.bench [--repeats 5]` prints one JSON object last.
 
 1. Decode throughput, engine vs transformers' `model.generate`, same model, same prompts, greedy,
    at batch 1 and 16. Decode is timed apart from the prefill: the time of a call making N + 1 new
@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from common import IM_END, encode_chunk, image_token_count, prompt_text
-from infer import Engine, Sample, Settings
-from model import build_tiny
-import world
+from minio3.conversation import IM_END, encode_chunk, image_token_count, prompt_text
+from minio3.engine import Engine, Sample, Settings
+from minio3.model import build_tiny
+from minio3 import world
 
 QUESTION = "<image>\nWhat is the character printed on the red triangle?"
 
@@ -174,7 +174,7 @@ def roofline(model, processor, figures: dict, b: int, new_tokens: int, bw: float
 
 
 def gpu_figures(processor, new_tokens: int, repeats: int) -> dict:
-    from decoder import flash_attn_with_kvcache
+    from minio3.engine.decoder import flash_attn_with_kvcache
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     tiny_cfg = build_tiny()[0].config
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
