@@ -29,7 +29,7 @@ import torch
 from minio3 import report
 from minio3.conversation import grade
 from minio3.data import (InputError, NONNEGATIVE, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, atomic_path, load_image,
-                         main_cli, names, read_records, select_levels, turn_caps, write_jsonl)
+                         load_json, main_cli, names, read_records, select_levels, turn_caps, write_jsonl)
 from minio3.engine import Engine, Sample, Settings
 from minio3.failures import bar_chart, diagnose, failure_table, print_failures
 from minio3.judge import judge
@@ -171,12 +171,33 @@ def main(argv: list[str] | None = None):
     return results[0] if len(results) == 1 else results
 
 
+RESULT_FIELDS = {"model": str, "turn_caps": list, "by_turn_cap": dict, "by_turn_cap_difficulty": dict,
+                 "mean_turns": (int, float), "zoom_rate": (int, float), "n_trajectories": int}
+
+
+def check_results(res: dict, where: Path) -> dict:
+    """An eval.py results.json as `compare` reads it, or an InputError naming what it lacks."""
+    bad = [k for k, t in RESULT_FIELDS.items() if not isinstance(res.get(k), t) or isinstance(res.get(k), bool)]
+    if bad:
+        raise InputError(f"{where}: not an eval.py result (no valid {', '.join(bad)})")
+    caps = [str(c) for c in res["turn_caps"]]
+    for name, series in {"all": res["by_turn_cap"], **res["by_turn_cap_difficulty"]}.items():
+        if not isinstance(series, dict) or not all(type(series.get(c)) in (int, float) for c in caps):
+            raise InputError(f"{where}: the accuracy of {name!r} is not a number at every turn cap {', '.join(caps)}")
+    try:
+        report.failures(res["failures"]) if "failures" in res else None
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        raise InputError(f"{where}: its 'failures' table is not eval.py's") from None
+    return res
+
+
 def compare(dirs: list[str], out: Path):
     """One table (accuracy per difficulty at each turn cap) and one plot for several evaluations."""
     missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
     if missing:
         raise InputError(f"{missing[0]}: no results.json (not an eval.py output folder)")
-    runs = {Path(d).name: json.loads((Path(d) / "results.json").read_text()) for d in dirs}
+    runs = {Path(d).name: check_results(load_json(Path(d) / "results.json", dict), Path(d) / "results.json")
+            for d in dirs}
     caps = sorted({int(c) for r in runs.values() for c in r["by_turn_cap"]})
     header = "".join(f"{'cap ' + str(c):>9}" for c in caps)
     print(f"{'run':14}{'difficulty':12}" + header + f"{'turns':>8}{'zoom':>7}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minio3.data import InputError, NONNEGATIVE, atomic_path, main_cli, write_jsonl
+from minio3.data import MAX_QUESTION_CHARS, InputError, NONNEGATIVE, atomic_path, load_json, main_cli, write_jsonl
 from minio3.world import LEVELS, SPLIT_IDS, level_stats, probe_sample
 
 
@@ -82,27 +82,31 @@ def print_table(summary: dict):
 # Converters of real benchmark files into the same records.
 # ----------------------------------------------------------------------------------------------
 def from_visualprobe(path: Path, images: Path, difficulty: str | None) -> list[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of records")
+    """VisualProbe's JSON list of {images, problem, solution, ...} as records, every one checked."""
+    data = load_json(path, list, "VisualProbe's files are JSON lists; a .jsonl file of records needs no converting")
     rows = []
     for i, r in enumerate(data):
         for key in ("images", "problem", "solution"):
             if not isinstance(r, dict) or key not in r:
                 raise InputError(f"{path}: record {i} has no field {key!r}")
         paths = r["images"]
-        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
             raise InputError(f"{path}: record {i}: field 'images' must be a non-empty list of paths")
-        paths = [(images / p).resolve() for p in paths]
+        if not isinstance(r["problem"], str) or not isinstance(r["solution"], (str, int, float)):
+            raise InputError(f"{path}: record {i}: 'problem' must be text and 'solution' text or a number")
+        if len(r["problem"]) > MAX_QUESTION_CHARS:
+            raise InputError(f"{path}: record {i}: 'problem' has {len(r['problem'])} characters "
+                             f"(at most {MAX_QUESTION_CHARS})")
+        try:
+            paths = [(images / p).resolve() for p in paths]
+        except (ValueError, OSError) as e:     # a NUL byte in a path, say
+            raise InputError(f"{path}: record {i}: an image path cannot be a file name ({e})") from None
         if not all(p.is_relative_to(images.resolve()) for p in paths):
             raise InputError(f"{path}: record {i}: an image path leaves the image folder {images}")
         rows.append({"images": [str(p) for p in paths], "problem": r["problem"],
-                     "solution": str(r["solution"]), "data_source": r.get("data_source", "visualprobe"),
+                     "solution": str(r["solution"]), "data_source": str(r.get("data_source", "visualprobe")),
                      "doc_id": str(r.get("doc_id", i)),
-                     "difficulty": r.get("difficulty", difficulty or "unknown")})
+                     "difficulty": str(r.get("difficulty", difficulty or "unknown"))})
     return rows
 
 
@@ -119,11 +123,11 @@ def from_vstar(root: Path, seed: int) -> list[dict]:
         if not folder.is_dir():
             continue
         for meta in sorted(folder.glob("*.json")):
-            try:
-                m = json.loads(meta.read_text(encoding="utf-8"))
-                question, options = m["question"], list(m["options"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{meta}: not a V* annotation ({e})") from None
+            m = load_json(meta, dict, "a V* annotation is a JSON object with question and options")
+            question, options = m.get("question"), m.get("options")
+            if not isinstance(question, str) or not isinstance(options, list) or not 2 <= len(options) <= 8 \
+                    or not all(isinstance(o, str) for o in options):
+                raise InputError(f"{meta}: not a V* annotation (a 'question' text and 2-8 'options' texts)")
             image = next((p for p in folder.glob(meta.stem + ".*") if p.suffix.lower() != ".json"), None)
             if image is None:
                 raise InputError(f"{meta}: no image beside it")
@@ -138,33 +142,61 @@ def from_vstar(root: Path, seed: int) -> list[dict]:
     return rows
 
 
-def from_hrbench(path: Path, out: Path) -> list[dict]:
+HR_COLUMNS = {"index", "question", "answer", "A", "B", "C", "D", "category", "image"}
+
+
+def _hrbench_rows(path: Path):
+    """(line, row) of HR-Bench's TSV, each row checked: UTF-8 text, the columns, a base64 image.
+    Yields the decoded image bytes and their format too."""
     import csv
     csv.field_size_limit(1 << 30)
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise InputError(f"{path}:1: UTF-16 text; save the file as UTF-8")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        try:
+            if not HR_COLUMNS <= set(reader.fieldnames or []):
+                raise InputError(f"{path}:1: missing columns {sorted(HR_COLUMNS - set(reader.fieldnames or []))} "
+                                 "(HR-Bench's TSV: index, question, A-D, answer, category, image)")
+            for r in reader:
+                line = reader.line_num
+                if any(v is None for v in r.values()) or None in r:
+                    raise InputError(f"{path}:{line}: a row with {'too few' if None in r.values() else 'too many'} "
+                                     "columns")
+                try:
+                    data = base64.b64decode(r["image"], validate=True)
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.load()
+                        kind = (img.format or "png").lower()
+                except Exception as e:   # PIL and base64 raise many kinds
+                    raise InputError(f"{path}:{line}: column 'image' is not a base64 image ({e})") from None
+                yield line, r, data, kind
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e.reason}): save the file as UTF-8") from None
+        except csv.Error as e:
+            raise InputError(f"{path}:{reader.line_num}: not a readable TSV row ({e})") from None
+
+
+def from_hrbench(path: Path, out: Path) -> list[dict]:
+    """HR-Bench's TSV (base64 images inside) as records and image files in out/images/. Every row is
+    checked before the first file is written; then the images are decoded again and written."""
+    n = sum(1 for _ in _hrbench_rows(path))
+    if not n:
+        raise InputError(f"{path}: no rows")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        need = {"index", "question", "answer", "A", "B", "C", "D", "category", "image"}
-        if not need <= set(reader.fieldnames or []):
-            raise InputError(f"{path}: missing columns {sorted(need - set(reader.fieldnames or []))}")
-        for lineno, r in enumerate(reader, 2):
-            try:
-                data = base64.b64decode(r["image"], validate=True)
-                img = Image.open(io.BytesIO(data))
-                img.load()
-            except Exception as e:
-                raise InputError(f"{path}:{lineno}: column 'image' is not a base64 image ({e})") from None
-            # the index names a file: only letters, digits, - and _ (a row cannot write outside --out)
-            safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(r["index"]))[:80]
-            name = f"images/hr_{safe}.{(img.format or 'png').lower()}"
-            with atomic_path(out / name) as tmp:
-                tmp.write_bytes(data)
-            options = [r[k] for k in "ABCD"]
-            rows.append({"images": [name], "problem": _mc_problem(r["question"], options),
-                         "solution": r["answer"].strip(), "options": options, "data_source": "hrbench",
-                         "doc_id": str(r["index"]), "difficulty": r["category"],
-                         "cycle_category": r.get("cycle_category", "")})
+    for _, r, data, kind in _hrbench_rows(path):
+        # the index names a file: only letters, digits, - and _ (a row cannot write outside --out)
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", str(r["index"]))[:80]
+        name = f"images/hr_{safe}.{kind}"
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+        options = [r[k] for k in "ABCD"]
+        rows.append({"images": [name], "problem": _mc_problem(r["question"], options),
+                     "solution": r["answer"].strip(), "options": options, "data_source": "hrbench",
+                     "doc_id": str(r["index"]), "difficulty": r["category"],
+                     "cycle_category": r.get("cycle_category") or ""})
     return rows
 
 

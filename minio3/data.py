@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -198,17 +199,94 @@ def select_levels(rows: list[dict], levels: list[str] | None, path) -> list[dict
 # ----------------------------------------------------------------------------------------------
 # Files: JSONL with line-numbered errors; everything written to a temporary name, then renamed.
 # ----------------------------------------------------------------------------------------------
+MAX_LINE_BYTES = 64 << 20       # a longer JSONL line (one record) is refused
+MAX_TEXT_BYTES = 256 << 20      # a longer JSON, TSV, prompts or config file is refused
+_UTF16 = (b"\xff\xfe", b"\xfe\xff")
+_BOM = b"\xef\xbb\xbf"
+TO_RECORDS = ("the official VisualProbe files are JSON lists: convert one with "
+              "python make_probe.py --from visualprobe FILE.json --images DIR --out DIR")
+
+
+def decode_text(data: bytes, where: str, offset: int = 0, line: int = 1) -> str:
+    """`data` (bytes of a user's file) as text: UTF-8, a leading BOM dropped; anything else is an
+    InputError naming the file and line (`line`: that of data's first byte; `offset`: its place in
+    the file) and saying what the bytes look like."""
+    if data.startswith(_UTF16):
+        raise InputError(f"{where}:{line}: UTF-16 text; save the file as UTF-8")
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line + data.count(b"\n", 0, e.start)
+        raise InputError(f"{where}:{at}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {offset + e.start}): "
+                         "is it the right file? A text file must be saved as UTF-8") from None
+    if "\x00" in text:
+        at = line + text.count("\n", 0, text.index("\x00"))
+        raise InputError(f"{where}:{at}: a NUL byte: this is not a text file")
+    return text
+
+
+def read_text(path: str | os.PathLike, limit: int | None = None) -> str:
+    """A user's whole text file (JSON, TSV, prompts, a config), checked as `decode_text` does and no
+    larger than `limit` bytes (MAX_TEXT_BYTES)."""
+    path, limit = Path(path), limit or MAX_TEXT_BYTES
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > limit:
+        raise InputError(f"{path}: {size:,} bytes, more than the {limit:,} this file may have: is it the right file?")
+    return decode_text(path.read_bytes(), str(path))
+
+
+def parse_json(text: str, where: str, line: int = 1):
+    """JSON text to a value, or an InputError naming the place (line and column) of the fault."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}:{line + e.lineno - 1}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}:{line}: JSON nested too deeply") from None
+
+
+def load_json(path: str | os.PathLike, expect: type | tuple[type, ...] = dict, hint: str = ""):
+    """A user's JSON file whose top level must be `expect` (dict: an object, list: a list), or an
+    InputError naming the file, what it holds instead and, with `hint`, what would fix it."""
+    value = parse_json(read_text(path), str(path))
+    if not isinstance(value, expect):
+        want = " or ".join({"dict": "an object", "list": "a list"}.get(t.__name__, t.__name__)
+                           for t in (expect if isinstance(expect, tuple) else (expect,)))
+        raise InputError(f"{path}: expected JSON {want}, got {_json_kind(value)}" + (f" ({hint})" if hint else ""))
+    return value
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
 def _jsonl_lines(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    """(line number, record) for each non-blank line of a JSONL file; every fault is an InputError
+    naming the file and line: bytes that are not UTF-8, a line over MAX_LINE_BYTES, JSON that does
+    not parse, a line that is not an object (a JSON list: what to run instead)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise InputError(f"{path}:{lineno}: a line of more than {MAX_LINE_BYTES:,} bytes: is it the right file?")
+            line = decode_text(raw, str(path), offset, lineno).strip()
+            offset += len(raw)
+            if not line:
                 continue
-            try:
-                row = json.loads(line.strip())
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            if lineno == 1 and line.startswith("["):
+                raise InputError(f"{path}:1: a JSON list, not one JSON object a line (JSONL): {TO_RECORDS}")
+            row = parse_json(line, str(path), lineno)
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                hint = f": {TO_RECORDS}" if lineno == 1 and isinstance(row, list) else ""
+                raise InputError(f"{path}:{lineno}: expected a JSON object a line, got {_json_kind(row)}{hint}")
             yield lineno, row
 
 

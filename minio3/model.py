@@ -23,7 +23,7 @@ from PIL import Image
 
 from minio3.conversation import (Budget, IM_END, PLAIN_SYSTEM_PROMPT, ROOT, SYSTEM_PROMPT, TINY_MAX_PIXELS,
                     TINY_MIN_PIXELS, WORDS, error_text, observation_text, rope_positions)
-from minio3.data import InputError, atomic_path, recover
+from minio3.data import InputError, atomic_path, load_json, recover
 
 TINY_BASE = ROOT / "checkpoints" / "tiny-base"   # the committed, pretrained tiny "instruct" model
 
@@ -66,6 +66,8 @@ def seed_everything(seed: int):
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+CHECKPOINT_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "preprocessor_config.json", "chat_template.json")
 
 
 def resolve_checkpoint(name: str) -> str:
@@ -80,6 +82,9 @@ def resolve_checkpoint(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"{name}: a folder, but not a checkpoint (no config.json in it)")
+        for f in CHECKPOINT_JSON:   # read before any work: bytes, truncation, the top-level type
+            if (path / f).is_file():
+                load_json(path / f, dict, "a checkpoint's config files hold JSON objects")
         return str(path)
     looks_local = (name.startswith((".", "/", "~")) or not _HUB_NAME.fullmatch(name)
                    or Path(name.split("/")[0]).is_dir())
@@ -104,8 +109,14 @@ def load(name_or_path: str = "tiny", device: str | torch.device = "cpu", dtype=N
             kwargs["attn_implementation"] = "flash_attention_2"
         except ImportError:
             kwargs["attn_implementation"] = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-    return model.to(device).eval(), Processor.from_pretrained(name_or_path)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        processor = Processor.from_pretrained(name_or_path)
+    except Exception as e:   # a folder's weights or tokenizer files that transformers cannot read
+        if not Path(name_or_path).is_dir():
+            raise
+        raise InputError(f"{name_or_path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.to(device).eval(), processor
 
 
 # The tiny default: the real Qwen2.5-VL class from a small config, and a byte-level BPE tokenizer
@@ -221,6 +232,20 @@ def save_checkpoint(model, processor, path: str | os.PathLike, extra: dict[str, 
                 torch.save(obj, tmp / name)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.pt (step, schedule, optimizer, RNG, flags), or an InputError
+    naming it: a cut or foreign file cannot be resumed from. Tensors and plain values only (no
+    pickled code is ever run)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:   # torch raises many kinds on a damaged file
+        raise InputError(f"{path}: not a readable trainer state ({type(e).__name__}: {str(e)[:160]}); "
+                         "start the run again with --overwrite") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise InputError(f"{path}: not a trainer state (no step in it); start the run again with --overwrite")
+    return state
+
+
 def check_out(out: Path, resume: bool, overwrite: bool) -> bool:
     """Before a training run writes to `out` (a checkpoint folder, with its log <out>_log.jsonl):
     finish or clean an interrupted save; refuse to replace a run that is there unless --resume
@@ -237,7 +262,7 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> bool:
     if there and not overwrite:
         what = "files of an earlier run"
         if state_file.exists():
-            what = f"a run (step {torch.load(state_file, weights_only=False)['step']})"
+            what = f"a run (step {read_state(state_file)['step']})"
         raise InputError(f"{out} holds {what}: pass --resume to continue it or --overwrite to replace it")
     if there:
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
@@ -269,7 +294,7 @@ def start_run(out: Path, init: str, resume: bool, device: str, overwrite: bool =
         resuming = check_out(out, resume, overwrite)
     if resuming:
         model, processor = load(str(out), device=device, dtype=torch.float32)
-        state = torch.load(Path(out) / "trainer_state.pt", weights_only=False)
+        state = read_state(Path(out) / "trainer_state.pt")
         print(f"resumed from {out} at step {state['step']}")
         return model, processor, state
     model, processor = load(init, device=device, dtype=torch.float32)
@@ -282,7 +307,7 @@ def check_finite(loss: torch.Tensor, step: int, out: Path):
         return
     state_file = Path(out) / "trainer_state.pt"
     if state_file.exists():
-        last = torch.load(state_file, weights_only=False)["step"]
+        last = read_state(state_file)["step"]
         raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint is "
                          f"{out} (step {last}).")
     raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping before any checkpoint was saved.")

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from minio3.data import SPECIAL_TOKEN, InputError
+from minio3.data import SPECIAL_TOKEN, InputError, load_json, read_text
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image; the pad is expanded per image
 
@@ -113,9 +113,11 @@ def _string_constants(path: Path) -> dict[str, str]:
     """Module-level `NAME = "..."` string assignments of a Python file, read from its syntax tree.
     Nothing is imported or executed: side effects in the file never happen."""
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not readable Python source ({e})") from None
+        tree = ast.parse(read_text(path), filename=str(path))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: not readable Python source ({type(e).__name__}: {str(e)[:120]})") from None
     found = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) \
@@ -130,8 +132,8 @@ def _error_line(engine: Path) -> str | None:
     """The official engine's first line of the error turn: the f-string that formats the tool's
     exception (`error_info`), as a template with {reason} in its place. None if it is not there."""
     try:
-        tree = ast.parse(engine.read_text(encoding="utf-8"), filename=str(engine))
-    except (OSError, SyntaxError, UnicodeDecodeError):
+        tree = ast.parse(read_text(engine), filename=str(engine))
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):   # InputError is a ValueError
         return None
     for node in ast.walk(tree):
         if not isinstance(node, ast.JoinedStr):
@@ -183,12 +185,7 @@ def load_prompts(path: str | Path) -> dict:
     if p.suffix == ".py":
         root = p.resolve().parents[2] if len(p.resolve().parents) > 2 else None
         return check_texts(_official_texts(p, root), str(p))
-    try:
-        texts = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(texts, dict):
-        raise InputError(f"{p}: must hold a JSON object with {', '.join(TEXT_FIELDS)}")
+    texts = load_json(p, dict, f"a prompts file holds {', '.join(TEXT_FIELDS)}")
     unknown = sorted(set(texts) - set(TEXT_FIELDS))
     if unknown:
         raise InputError(f"{p}: unknown field(s) {', '.join(unknown)} (known: {', '.join(TEXT_FIELDS)})")
@@ -214,11 +211,8 @@ def load_judge_prompt(path: str | Path) -> dict:
             raise InputError(f"{p}: no string constant named {', '.join(missing)}")
         texts = {k: found[n] for k, n in JUDGE_OFFICIAL.items()}
     else:
-        try:
-            texts = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(texts, dict) or not isinstance(texts.get("query"), str):
+        texts = load_json(p, dict, "a judge prompt holds 'query' and optionally 'system'")
+        if not isinstance(texts.get("query"), str):
             raise InputError(f"{p}: must hold a JSON object with a 'query' string (and optionally 'system')")
     for old, new in JUDGE_FIELDS.items():
         texts["query"] = texts["query"].replace(old, new)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from minio3.conversation import (Episode, IM_END, IM_START, PLAIN_SYSTEM_PROMPT, encode_chunk, has_special, image_token_count,
                     tool_turn_text)
-from minio3.data import InputError, atomic_path, check_image, image_path, load_image, turn_text
+from minio3.data import InputError, atomic_path, check_image, image_path, load_image, load_json, turn_text
 from minio3.protocol import DEFAULT, IMAGE, Protocol, neutralise
 
 TAG = "<image>"   # LLaMA-Factory's image placeholder in a message
@@ -98,7 +98,7 @@ def _parse_field(text: str):
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
@@ -149,11 +149,8 @@ def read(path: str | os.PathLike) -> list[dict]:
     """The records of a ShareGPT JSON file, all checked first; image paths are absolute or relative
     to the file's folder. Each row gets `_root` (that folder)."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(records, list) or not records:
+    records = load_json(path, list, "a ShareGPT file is a JSON list of records")
+    if not records:
         raise InputError(f"{path}: a ShareGPT file is a non-empty JSON list of records")
     for k, rec in enumerate(records):
         problem = _check_record(rec, path.parent)
