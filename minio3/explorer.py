@@ -8,8 +8,8 @@ pictures with plain pixel rules (minio3/world.py: colour masks, shapes, the 5x7 
     ("direct"). Otherwise it lists the candidates of the asked colour and checks them one by one
     ("trial_and_error"), or zooms into the quarter that holds most of them first ("depth_first"),
     until a crop shows the target, and answers its character.
-  * `guesses`: the hasty teacher's tries (collect.py --hasty): one candidate named as the target
-    at random, one zoom, and its character as the answer, sure of the guess whatever the crop shows.
+  * `guesses`: the hasty teacher's tries (collect.py --hasty) where the candidates are many: one
+    named as the target at random, one zoom, and the character it shows as the answer, unchecked.
 
 Each turn is written as a thought and an action, in one of the thought styles below.
 """
@@ -183,14 +183,15 @@ def _one_by_one(cells, colour, shape, intro, max_turns, check, look, style: str 
     return {"turns": turns, "answer": "none", "pattern": "failed"}
 
 
-# The hasty teacher (collect.py --hasty N): where the explorer would list the look-alike candidates,
-# a hasty searcher instead names one of them at random as the target, zooms on it, and answers what
-# that crop shows, sure of its guess ("It is a red triangle with the character 8."), whatever the
-# crop shows. It tries N times a question, each time with one of GUESSES' wordings, as a sampling
-# VLM teacher would; the correctness filter keeps the lucky tries (the guess was the target, or a
-# look-alike that carries the same character), beside the explorer's full search of the question.
-# So the cold start holds the failure Mini-o3's RL corrects: answering before the search has
-# found the target.
+# The hasty teacher (collect.py --hasty N): where the explorer would check many candidates one by
+# one (HASTY_CANDIDATES or more), a hasty searcher instead names one of them at random as the
+# target, zooms on it, reads the character it shows and answers it, without checking the shape
+# ("The character on it is 8."). It tries N times a question, each time in one of GUESSES'
+# wordings, as a sampling VLM teacher would; the correctness filter keeps the lucky tries (the guess
+# was the target, or a look-alike that carries the same character), beside the explorer's full
+# search of the question. So the cold start holds the failure Mini-o3's RL corrects: answering
+# before the search has found the target.
+HASTY_CANDIDATES = 7
 GUESSES = ("The {colour} {shape} is at {box}.", "The {colour} {shape} must be the one at {box}.",
            "I think the {colour} {shape} is at {box}.", "The {colour} {shape} looks like the one at {box}.")
 
@@ -198,16 +199,16 @@ GUESSES = ("The {colour} {shape} is at {box}.", "The {colour} {shape} must be th
 def guesses(image: Image.Image, problem: str, budget, rng: random.Random, tries: int,
             style: str = "ledger") -> list[dict]:
     """`tries` hasty tries at one question, each a random candidate named as the target in one of
-    GUESSES' wordings, one zoom on it, then its character as the answer. None for a question that is
-    not understood or has fewer than two candidates; a try whose crop shows no character is dropped.
-    The overview is read once and each candidate's crop once, whatever the number of tries."""
+    GUESSES' wordings, one zoom on it, then the character it shows as the answer, unchecked. None for
+    a question that is not understood or has fewer than HASTY_CANDIDATES candidates; a try whose crop
+    shows no character is dropped. The overview is read once and each candidate's crop once."""
     goal = parse_question(problem)
     if goal is None or tries == 0:
         return []
     colour, shape = goal
     ep = Episode(image, budget)
     cells = sorted(blobs_by_cell(np.asarray(ep.shown[0]), colour))
-    if len(cells) < 2:
+    if len(cells) < HASTY_CANDIDATES:
         return []
     read: dict[int, str | None] = {}    # cell -> the character its crop shows (None: none readable)
 
@@ -226,7 +227,7 @@ def guesses(image: Image.Image, problem: str, budget, rng: random.Random, tries:
         glyph = glyph_in(cell)
         if glyph is not None:
             turns = [said(f"I am looking for the {colour} {shape}. {claim}", zoom_text(box)),
-                     found(colour, shape, glyph, style)]
+                     said(f"The character on it is {glyph}.", f"<answer>{glyph}</answer>")]
             out.append({"turns": turns, "answer": glyph, "pattern": "guess"})
     return out
 

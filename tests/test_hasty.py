@@ -26,6 +26,7 @@ def test_a_guess_names_one_candidate_zooms_on_it_and_answers_what_it_read():
         first, second = t["turns"]
         assert first.count("<grounding>") == 1 and "<answer>" not in first
         assert second.endswith("</answer>") and "<grounding>" not in second
+        assert "not" not in second and "I want" not in second   # no verdict: the character, unchecked
         assert t["pattern"] == "guess" and f"<answer>{t['answer']}</answer>" in second
         named.add(first.split('"bbox_2d": ')[1].split("]")[0] + "]")
     boxes = {str([float(v) for v in b.strip("[]").split(",")]) for b in named}
@@ -48,7 +49,10 @@ def test_a_lucky_guess_is_right_and_a_wrong_one_is_wrong():
     assert right > 0 and wrong > right           # lucky now and then: most guesses miss on hard
 
 
-def test_no_guess_where_the_explorer_needs_no_search():
+def test_no_guess_where_the_candidates_are_few():
+    for seed in range(4):   # medium: 4-6 candidates, under HASTY_CANDIDATES
+        image, fields, _ = probe_sample(np.random.default_rng([seed, 5]), "medium")
+        assert explorer.guesses(image, fields["problem"], TINY_BUDGET, random.Random(0), 5) == []
     image, fields, _ = probe_sample(np.random.default_rng([1, 5]), "hard")
     assert explorer.guesses(image, "What is the character printed on the thing?", TINY_BUDGET,
                             random.Random(0), 5) == []
