@@ -151,7 +151,8 @@ def rollout_groups(engine, questions: Questions, root: Path, args, step: int, ju
         settings = Settings(max_turns=args.max_turns, temperature=args.temperature, top_p=args.top_p, seed=seed,
                             max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
                             max_images=args.max_images, protocol=args.protocol)
-        samples = [Sample(load_image(q, root), q["problem"]) for q in qs for _ in range(G)]
+        images = [load_image(q, root) for q in qs]            # one picture a question, shared by its G rollouts
+        samples = [Sample(image, q["problem"]) for q, image in zip(qs, images) for _ in range(G)]
         trajs = engine.run(samples, settings, progress=False)
         rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus,
                          args.tool_bonus, args.judge_texts)

@@ -174,3 +174,25 @@ def test_processor_only_tokens_are_never_sampled(tiny):
             assert max(lp for lp, m in zip(out.logprobs, out.sampled_mask) if m) < -20   # the pad held the mass
     finally:
         handle.remove()
+
+
+def test_a_shared_prompt_and_picture_is_prefilled_once_with_the_same_trajectories(tiny):
+    """The G rollouts of one question (one picture object, one question) are prefilled once and the
+    cache row copied; greedy and sampled trajectories equal those of separate prefills (separate
+    copies of the picture), token for token, and the prefill counts one prompt a question."""
+    from copy import copy
+    model, proc = tiny
+    scenes = [_scene(s) for s in (3, 4)]
+    shared = [Sample(img, q) for img, q in scenes for _ in range(4)]
+    apart = [Sample(copy(img), q) for img, q in scenes for _ in range(4)]
+    for kw in ({"greedy": True}, {"temperature": 1.0, "seed": 5}):
+        runs = {}
+        for name, samples in (("shared", shared), ("apart", apart)):
+            eng = Engine(model, proc, max_batch=8)
+            trajs = eng.run(samples, max_turns=3, max_turn_tokens=24, progress=False, **kw)
+            runs[name] = ([t.token_ids for t in trajs], [t.logprobs for t in trajs], eng.prefill_tokens)
+        assert runs["shared"][0] == runs["apart"][0]
+        assert np.allclose(np.concatenate(runs["shared"][1]), np.concatenate(runs["apart"][1]), atol=1e-5)
+        prompt = len(Engine(model, proc, max_batch=1).run([apart[0]], max_turns=1, max_turn_tokens=1,
+                                                          progress=False)[0].token_ids) - 1
+        assert runs["apart"][2] - runs["shared"][2] == 6 * prompt     # 3 of each 4 prompts not prefilled

@@ -153,14 +153,19 @@ class Engine:
         dec = [i for i in live if slots[i].pending() == 1]
         logits = {}
         if pre:
-            fed = [slots[i] for i in pre]
-            out, nexts = self.forward(pre, [r.ids[r.length:] for r in fed], [r.images for r in fed],
+            firsts, copies = self._shared(slots, pre)
+            fed = [slots[i] for i in firsts]
+            out, nexts = self.forward(firsts, [r.ids[r.length:] for r in fed], [r.images for r in fed],
                                       [r.length for r in fed], [r.next_pos for r in fed])
-            for j, i in enumerate(pre):
+            for j, i in enumerate(firsts):
                 r = slots[i]
                 self.prefill_tokens += r.pending()
                 r.length, r.next_pos, r.images = len(r.ids), nexts[j], []
                 logits[i] = out[j]
+            for i, j in copies.items():   # the same prompt and picture: the cache row is copied
+                self.decoder.cache.move(j, i, slots[j].length)
+                slots[i].length, slots[i].next_pos, slots[i].images = slots[j].length, slots[j].next_pos, []
+                logits[i] = logits[j]
         if dec:
             out, _ = self.forward(list(range(len(slots))), [r.ids[-1:] for r in slots], [[] for _ in slots],
                                   [r.length for r in slots], [r.next_pos for r in slots])
@@ -170,6 +175,25 @@ class Engine:
                 logits[i] = out[i]
             self.decode_tokens += len(dec)
         return logits
+
+    @staticmethod
+    def _shared(slots: list[Slot], pre: list[int]) -> tuple[list[int], dict[int, int]]:
+        """The slots to prefill, and {slot: the slot whose prefill it copies}: new conversations
+        with the same prompt tokens over the same picture object (the G rollouts of one question in
+        RL) are prefilled once, their picture encoded once."""
+        firsts, copies, seen = [], {}, {}
+        for i in pre:
+            r = slots[i]
+            image = r.sample.image
+            if r.length == 0 and image is not None and not callable(image) and r.sample.forced is None \
+                    and r.sample.context is None:
+                key = (id(image), tuple(r.ids))
+                if key in seen:
+                    copies[i] = seen[key]
+                    continue
+                seen[key] = i
+            firsts.append(i)
+        return firsts, copies
 
     def _advance(self, r: Slot, token: int, logprob: float, s: Settings, on_text) -> bool:
         """Append the chosen token; at the end of a turn carry out its action. True when the
