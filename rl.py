@@ -41,7 +41,7 @@ from minio3.protocol import add_protocol_args, apply_pixels, load_judge_prompt, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The two functions to read first.
+# The three functions to read first: the advantages, the loss, and which rollouts the loss keeps.
 # ----------------------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, keep: torch.Tensor,
                      exclude_masked_from_stats: bool) -> torch.Tensor:
@@ -137,36 +137,47 @@ class Questions:
 
 def rollout_groups(engine, questions: Questions, root: Path, args, step: int, judge_engine=None,
                    n_questions: int | None = None, rank: int = 0):
-    """P groups of G rollouts whose rewards do not all tie (tied groups teach nothing: refill, at
-    most 4 rounds); under torchrun P is this rank's share. Returns the groups as (trajectories,
-    rewards, keep) and every rollout's (trajectory, reward, correct) for the log, with the number
-    of groups tried and dropped."""
+    """P groups of G rollouts whose rewards do not all tie, in one engine call; under torchrun P is
+    this rank's share. Tied groups teach nothing: as soon as a group is scored and ties, the next
+    question's G rollouts join the same call (they take the rows that free up), at most 3 times in
+    a chain. Returns the groups as (trajectories, rewards, keep), in the order they were asked, every
+    rollout's (trajectory, reward, correct) for the log, and the number of groups tried and dropped."""
     G, P = args.group, n_questions or args.questions
-    groups, stats, tried, dropped = [], [], 0, 0
-    for attempt in range(4):
-        if len(groups) >= P:
-            break
-        qs = questions.take(P - len(groups))
-        seed = args.seed * 100_003 + step * 101 + attempt + rank * 1_000_003
-        settings = Settings(max_turns=args.max_turns, temperature=args.temperature, top_p=args.top_p, seed=seed,
-                            max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
-                            max_images=args.max_images, protocol=args.protocol)
-        images = [load_image(q, root) for q in qs]            # one picture a question, shared by its G rollouts
-        samples = [Sample(image, q["problem"]) for q, image in zip(qs, images) for _ in range(G)]
-        trajs = engine.run(samples, settings, progress=False)
-        rs = rewards_for(trajs, [q for q in qs for _ in range(G)], judge_engine, args.format_bonus,
-                         args.tool_bonus, args.judge_texts)
-        for g, q in enumerate(qs):
-            tg, rg = trajs[g * G:(g + 1) * G], rs[g * G:(g + 1) * G]
-            stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
-            keep_g = [overturn_keep(t, masking=not args.no_overturn_mask) for t in tg]
-            counted = [r for r, k in zip(rg, keep_g) if k or args.stats == "official"]
-            tried += 1
-            if len(counted) < 2 or np.std(counted) < 1e-4:
-                dropped += 1
-                continue
+    settings = Settings(max_turns=args.max_turns, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed * 100_003 + step * 101 + rank * 1_000_003,
+                        max_turn_tokens=args.max_turn_tokens, max_total_tokens=args.max_total_tokens,
+                        max_images=args.max_images, protocol=args.protocol)
+    asked, finished, scored = [], {}, {}      # (question, round) a group; trajectories; (rewards, keep)
+
+    def ask(rnd: int) -> list[Sample]:
+        q = questions.take(1)[0]
+        asked.append((q, rnd))
+        image = load_image(q, root)           # one picture a question, shared by its G rollouts
+        return [Sample(image, q["problem"]) for _ in range(G)]
+
+    def more(i: int, traj) -> list[Sample]:
+        """Called by the engine as each rollout ends: score a group when its last rollout is in."""
+        g = i // G
+        finished[i] = traj
+        if any(g * G + k not in finished for k in range(G)):
+            return []
+        q, rnd = asked[g]
+        tg = [finished[g * G + k] for k in range(G)]
+        rg = rewards_for(tg, [q] * G, judge_engine, args.format_bonus, args.tool_bonus, args.judge_texts)
+        keep_g = [overturn_keep(t, masking=not args.no_overturn_mask) for t in tg]
+        counted = [r for r, k in zip(rg, keep_g) if k or args.stats == "official"]
+        scored[g] = (tg, rg, keep_g, len(counted) < 2 or np.std(counted) < 1e-4)
+        return ask(rnd + 1) if scored[g][3] and rnd < 3 else []
+
+    first = [s for _ in range(P) for s in ask(0)]
+    engine.run(first, settings, progress=False, more=more)
+    groups, stats = [], []
+    for g, (q, _) in enumerate(asked):
+        tg, rg, keep_g, tied = scored[g]
+        stats += [(t, r, grade(t.answer, q)) for t, r in zip(tg, rg)]
+        if not tied:
             groups.append((tg, rg, keep_g))
-    return groups, stats, tried, dropped
+    return groups, stats, len(asked), len(asked) - len(groups)
 
 
 def kl_penalty(ref, batch, lp, temperature: float = 1.0, n_tokens: float | None = None,
@@ -196,21 +207,6 @@ def as_batch(trajs, idx: list[int], processor, device, masks: list[list[bool]] |
     """Trajectories idx collated for a forward; the loss mask is `masks` (default: every sampled token)."""
     return collate([{"ids": trajs[i].token_ids, "mask": trajs[i].sampled_mask if masks is None else masks[i],
                      "shown": trajs[i].shown} for i in idx], processor, device)
-
-
-def minibatches(order: list[int], size: int, world: World, filler: int) -> list[list[int]]:
-    """The kept trajectories in mini-batches of `size`; every rank gets as many as the busiest one
-    (FSDP's gathers need every rank in every step), padded with `filler`, a row that teaches nothing."""
-    chunks = [order[b:b + size] for b in range(0, len(order), size)]
-    return chunks + [[filler]] * (world.max(len(chunks)) - len(chunks))
-
-
-def length_runs(trajs, idx: list[int], parts: int, world: World, filler: int) -> list[list[int]]:
-    """One mini-batch's rows in runs of similar length (model.by_length), each forwarded on its own;
-    under torchrun every rank makes exactly `parts` runs (FSDP gathers in every forward), the
-    missing ones (in a short last mini-batch) being the `filler` row."""
-    runs = by_length(idx, parts, lambda i: len(trajs[i].token_ids))
-    return runs + [[filler]] * (parts - len(runs)) if world.sharded else runs
 
 
 def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, world: World = World(),
@@ -274,6 +270,25 @@ def loss_of_run(model, batch, old, adv, keep, counts, args, ref=None):
     if ref is not None:
         loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature, counts[1], args.top_p)
     return loss, clip
+
+
+# ----------------------------------------------------------------------------------------------
+# Under torchrun: every rank takes the same number of forwards (FSDP gathers in each), the
+# engine's log-probs against the trainer's
+# ----------------------------------------------------------------------------------------------
+def minibatches(order: list[int], size: int, world: World, filler: int) -> list[list[int]]:
+    """The kept trajectories in mini-batches of `size`; every rank gets as many as the busiest one
+    (FSDP's gathers need every rank in every step), padded with `filler`, a row that teaches nothing."""
+    chunks = [order[b:b + size] for b in range(0, len(order), size)]
+    return chunks + [[filler]] * (world.max(len(chunks)) - len(chunks))
+
+
+def length_runs(trajs, idx: list[int], parts: int, world: World, filler: int) -> list[list[int]]:
+    """One mini-batch's rows in runs of similar length (model.by_length), each forwarded on its own;
+    under torchrun every rank makes exactly `parts` runs (FSDP gathers in every forward), the
+    missing ones (in a short last mini-batch) being the `filler` row."""
+    runs = by_length(idx, parts, lambda i: len(trajs[i].token_ids))
+    return runs + [[filler]] * (parts - len(runs)) if world.sharded else runs
 
 
 def log_gap(gap: list, trajs, run: list[int], old: torch.Tensor, on: torch.Tensor):

@@ -94,6 +94,7 @@ def diagnose(t: dict) -> dict:
                    else "answered without seeing the target")
     listed_turns, followed = list_steps(t)
     return {"outcome": outcome, "saw_target": saw, "opens_with_list": len(listed) >= 2,
+            "answered_unseen": bool(t["answered"] and target is not None and not saw),
             "list_has_target": has_target,
             "repeated_zooms": len(boxes) - len(set(boxes)), "invalid_calls": t["tool_errors"],
             "listed_turns": listed_turns, "followed": followed, **verdicts}
@@ -133,6 +134,8 @@ def failure_table(trajs: list[dict]) -> dict:
         shares = {o: sum(x["outcome"] == o for x in ds) / len(ds) for o in OUTCOMES}
         out[d] = {"n": len(ds), "outcomes": shares,
                   "saw_target": float(np.mean([x["saw_target"] for x in ds])),
+                  # the premature answer: answered (right or wrong) with no crop having shown the target
+                  "answered_unseen": float(np.mean([x["answered_unseen"] for x in ds])),
                   "opens_with_list": float(np.mean([x["opens_with_list"] for x in ds])),
                   "list_has_target": float(np.mean(listed)) if listed else None,
                   "repeated_zooms": float(np.mean([x["repeated_zooms"] for x in ds])),
@@ -154,7 +157,8 @@ def print_failures(table: dict):
     for flag in report.FLAGS:
         cells = ["      -  " if r.get(flag) is None else f"{r[flag]:9.2f}" for r in table.values()]
         print(f"{flag.replace('_', ' '):36}" + "".join(cells))
-    print("(opens with list: the first thought lists two boxes or more, not one direct guess;\n"
+    print("(answered unseen: answered, right or wrong, with no crop having shown the target readably;\n"
+          " opens with list: the first thought lists two boxes or more, not one direct guess;\n"
           " zoom follows list: of the turns whose thought lists boxes, the share that zoom on its first\n"
           " or last box (the ledger steps from the front, the backward ledger from the end);\n"
           " target / lookalike accepted: of the crops showing the target alone / look-alikes alone, the share\n"

@@ -78,7 +78,7 @@ def headline(res: dict, trajs: list[dict]) -> str:
 
 
 # the failure table's per-search flags and per-crop verdict rates (eval.failure_table), in print order
-FLAGS = ("saw_target", "opens_with_list", "list_has_target", "zoom_follows_list", "repeated_zooms", "invalid_calls",
+FLAGS = ("answered_unseen", "saw_target", "opens_with_list", "list_has_target", "zoom_follows_list", "repeated_zooms", "invalid_calls",
          "target_accepted", "lookalike_accepted")
 
 

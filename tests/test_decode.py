@@ -173,6 +173,13 @@ def test_the_benchmark_reports_medians_and_spreads(tiny):
     assert f["outputs_match_b2"] is True          # the engine and generate agree, greedy
 
 
+def test_the_rollout_benchmark_compares_shared_and_separate_prefills():
+    from tools import bench
+    f = bench.rollout_figures(repeats=1, questions=1, group=2)
+    for key in ("rollouts_per_s_shared", "rollouts_per_s_apart", "rollout_speedup_shared"):
+        assert 0 < f[key]["min"] <= f[key]["median"] <= f[key]["max"]
+
+
 def test_decode_windows_give_the_eager_engines_trajectories():
     """k decode steps on the device between host reads (runner.py) against one read per step, on
     the committed base's real searches (tool calls, observation turns, stops mid-window, rows that

@@ -108,6 +108,11 @@ def test_failure_analysis_says_why_each_search_ended():
     table = failures.failure_table(list(cases.values()))
     assert table["hard"]["n"] == 7 and table["hard"]["outcomes"]["named another object in view"] == pytest.approx(1 / 7)
     assert table["all"]["saw_target"] == pytest.approx(3 / 7)
+    # the premature answer: answered, right or wrong, with no crop that showed the target readably
+    # (named another object 7, answered E without seeing it): 2 of 7; a lucky guess counts too
+    assert table["all"]["answered_unseen"] == pytest.approx(2 / 7)
+    lucky = _search("3", [quarter])
+    assert failures.diagnose(lucky)["answered_unseen"] and failures.diagnose(lucky)["outcome"] == "right"
     two = "The red objects: [0.0, 0.0, 0.125, 0.125], [0.5, 0.5, 0.625, 0.625]."
     one = "The red square is at [0.5, 0.5, 0.625, 0.625]."
     openings = failures.failure_table([_search("3", [], first=two), _search("3", [], first=one), _search("3", [])])

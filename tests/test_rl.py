@@ -197,3 +197,29 @@ def test_update_from_turn_two_is_the_update_without_the_opening(tiny, probe_dir,
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] != pytest.approx(losses[2], rel=1e-3)
     assert norm > 0 and all(torch.allclose(changes[0][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
     assert not all(torch.allclose(changes[2][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
+
+
+def test_a_step_is_one_engine_call_and_tied_groups_are_refilled_inside_it(tiny, probe_dir, monkeypatch):
+    """rollout_groups asks P questions in one engine call; a group whose rewards tie is replaced by
+    the next question's G rollouts, which join the same call (at most 3 times in a chain), and the
+    groups that train are the untied ones, in the order asked."""
+    model, proc = tiny
+    rows = read_jsonl(probe_dir / "train.jsonl")
+    calls, scored = [], []
+
+    def rewards(trajs, rows_, *a, **k):      # the first two groups scored tie (all 0), the rest vary
+        scored.append(rows_[0]["doc_id"])
+        return [0.0] * len(trajs) if len(scored) <= 2 else [float(i % 2) for i in range(len(trajs))]
+    monkeypatch.setattr(rl, "rewards_for", rewards)
+    engine = Engine(model, proc, max_batch=8)
+    real_run = engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    args = rl.parse_args(["--questions", "2", "--group", "3", "--max-turns", "1", "--max-turn-tokens", "6",
+                          "--levels", "all"])
+    args.protocol, args.judge_texts = rl.protocol_from_args(args), None
+    questions = rl.Questions(rows, seed=0)
+    groups, stats, tried, dropped = rl.rollout_groups(engine, questions, probe_dir, args, step=0)
+    assert calls == [1]                                   # one engine call for the step, refills included
+    assert (tried, dropped, len(groups)) == (4, 2, 2)     # two tied groups, each replaced by a new question
+    assert len(stats) == 4 * 3 and questions.cursor == 4  # every rollout is logged; four questions asked
+    assert [sum(r) for _, r, _ in groups] == [1.0, 1.0]   # the groups that train are the untied ones

@@ -6,6 +6,8 @@
    and reported as the median with its spread (min, max); the whole call (prefill included) too.
 2. A 6-turn rollout with an image in every observation, engine (cache kept across turns) vs the
    same rollout re-sending the whole history each turn: wall time and prefill tokens.
+3. RL-shaped rollouts (4 hard questions x 8 rollouts of the committed base, 6 turns, T 0.7): rollouts
+   a second with each question's prompt and picture prefilled once, and once a rollout.
 On CUDA it also runs a Qwen2.5-VL-7B-shaped random model in bf16 at batch 1, 16 and 64: decode
 tokens/s, ms per step, and the fraction of the memory-bandwidth roofline ((weights + KV read per
 step) / measured copy bandwidth), against `generate` at batch 64.
@@ -20,7 +22,7 @@ import torch
 
 from minio3.conversation import IM_END, encode_chunk, image_token_count, prompt_text
 from minio3.engine import Engine, Sample, Settings
-from minio3.model import build_tiny
+from minio3.model import build_tiny, load
 from minio3 import world
 
 QUESTION = "<image>\nWhat is the character printed on the red triangle?"
@@ -31,7 +33,7 @@ def _images(n, seed=0):
 
 
 def _sync(device):
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -200,6 +202,31 @@ def gpu_figures(processor, new_tokens: int, repeats: int) -> dict:
     return out
 
 
+def rollout_figures(repeats: int = 3, questions: int = 4, group: int = 8, device: str = "cpu") -> dict:
+    """RL-shaped rollouts: `questions` hard probe questions x `group` rollouts of the committed base,
+    6 turns, temperature 0.7 (run_tiny's), one engine call as an RL step makes it; rollouts a
+    second with each question's prompt and picture prefilled once (the engine now) and once per
+    rollout (before), measured alternately, the median of `repeats` and its spread."""
+    model, processor = load("tiny-base", device=device)
+    scenes = [world.probe_sample(np.random.default_rng([11, i]), "hard") for i in range(questions)]
+    samples = [Sample(img, f["problem"]) for img, f, _ in scenes for _ in range(group)]
+    settings = Settings(max_turns=6, temperature=0.7, max_turn_tokens=256, seed=0)
+    times = {True: [], False: []}
+    for r in range(repeats + 1):                 # the first round warms up (kernels for new shapes)
+        for share in (True, False):
+            eng = Engine(model, processor, max_batch=32, max_len=4096, share_prefix=share)
+            _sync(device)
+            t0 = time.perf_counter()
+            eng.run(samples, settings, progress=False)
+            _sync(device)
+            if r:
+                times[share].append(len(samples) / (time.perf_counter() - t0))
+    spread = lambda v: {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v))}
+    ratio = [a / b for a, b in zip(times[True], times[False])]
+    return {"rollouts_per_s_shared": spread(times[True]), "rollouts_per_s_apart": spread(times[False]),
+            "rollout_speedup_shared": spread(ratio), "rollout_workload": f"{questions} x {group}, 6 turns, T 0.7"}
+
+
 def bench(new_tokens: int = 64, tiny: bool = True, repeats: int = 5):
     """tiny=False skips the CPU part (for a short GPU lease: only the 7B-shaped bf16 run)."""
     torch.manual_seed(0)
@@ -219,8 +246,16 @@ def bench(new_tokens: int = 64, tiny: bool = True, repeats: int = 5):
         out.update(mt)
         out["speedup_vs_resend_multiturn"] = mt["multiturn_resend_s"] / mt["multiturn_kept_s"]
         out["prefill_tokens_ratio_vs_resend"] = mt["prefill_tokens_resend"] / mt["prefill_tokens_kept"]
+    if tiny:
+        rf = rollout_figures(max(1, repeats // 2))
+        out.update(rf)
+        print(f"rollouts (4 x 8, 6 turns, T 0.7): {rf['rollouts_per_s_shared']['median']:.2f}/s with the prompt "
+              f"prefilled once a question, {rf['rollouts_per_s_apart']['median']:.2f}/s once a rollout: "
+              f"{rf['rollout_speedup_shared']['median']:.2f}x", flush=True)
     if torch.cuda.is_available():
         out.update(gpu_figures(processor, new_tokens, repeats))
+        rf = rollout_figures(2, questions=16, device="cuda")
+        out.update({f"gpu_{k}": v for k, v in rf.items()})
     print(json.dumps(out))
     return out
 

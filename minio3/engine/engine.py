@@ -25,8 +25,12 @@ from minio3.protocol import first_answer
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch: int = 16, max_len: int = 4096, device=None):
+    def __init__(self, model, processor, max_batch: int = 16, max_len: int = 4096, device=None,
+                 share_prefix: bool = True):
+        """share_prefix: prefill a prompt shared by several new rows once (see `_shared`); off, every
+        row prefills its own (the benchmark compares the two)."""
         self.processor, self.tok = processor, processor.tokenizer
+        self.share_prefix = share_prefix
         self.max_batch, self.max_len = max_batch, max_len
         self.decoder = Decoder(model, processor, max_batch, max_len, device)
         self.im_end = self.tok.convert_tokens_to_ids(IM_END)
@@ -42,13 +46,16 @@ class Engine:
     # Episodes
     # ------------------------------------------------------------------------------------------
     def run(self, samples: list[Sample], settings: Settings | None = None, progress: bool = True,
-            on_text=None, **changes) -> list[Trajectory]:
+            on_text=None, more=None, **changes) -> list[Trajectory]:
         """Play every sample's episode to its end; results come back in the samples' order.
         `settings` (or keyword changes to the defaults, e.g. greedy=True) say how to generate.
-        `on_text(sample_index, text)` is called with each piece of the conversation as it grows."""
+        `on_text(sample_index, text)` is called with each piece of the conversation as it grows.
+        `more(sample_index, trajectory)` is called as each sample ends and may return new samples:
+        they join the same run (numbered after the others) and take the rows that free up."""
         s = replace(settings or Settings(), **changes)
         self.decoder.refresh()   # the model's current weights (RL trains between runs)
         choose = TokenChooser(self.banned, s)
+        samples = list(samples)
         waiting = deque(enumerate(samples))
         slots: list[Slot] = []           # slots[i] lives in cache row i
         results: list[Trajectory | None] = [None] * len(samples)
@@ -64,7 +71,14 @@ class Engine:
             for i in sorted(set(done), reverse=True):
                 results[slots[i].index] = slots[i].result()
                 bar.update(1)
+                for extra in (more(slots[i].index, results[slots[i].index]) or []) if more else ():
+                    waiting.append((len(samples), extra))
+                    samples.append(extra)
+                    results.append(None)
+                    bar.total += 1
                 self._retire(slots, i, waiting, s, on_text)
+            while waiting and len(slots) < self.max_batch:   # rows left free, and samples `more` added
+                slots.append(self._admit(*waiting.popleft(), s, on_text))
         bar.close()
         return results
 
@@ -153,7 +167,7 @@ class Engine:
         dec = [i for i in live if slots[i].pending() == 1]
         logits = {}
         if pre:
-            firsts, copies = self._shared(slots, pre)
+            firsts, copies = self._shared(slots, pre) if self.share_prefix else (pre, {})
             fed = [slots[i] for i in firsts]
             out, nexts = self.forward(firsts, [r.ids[r.length:] for r in fed], [r.images for r in fed],
                                       [r.length for r in fed], [r.next_pos for r in fed])
