@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="explorer: chance that a zoom after a miss lands a cell off, and the next turn "
                      "recovers (see `slip`; the slipped turn carries no SFT loss, and the ShareGPT export "
                      "cannot say so: it is written as an ordinary turn)")
-    src.add_argument("--hasty", type=NONNEGATIVE, default=0,
+    src.add_argument("--hasty", type=NONNEGATIVE, default=3,
                      help="explorer: tries of the hasty teacher per question whose candidates it lists (see "
                      "`guesses`: one random candidate named as the target and answered; kept only when right)")
     src.add_argument("--seed", type=int, default=0)

@@ -34,8 +34,8 @@ from minio3.data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, R
                   main_cli, names, read_records, select_levels)
 from minio3.judge import judge
 from minio3.engine import Engine, Sample, Settings
-from minio3.model import (by_length, check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
-                   token_logprobs, train_only)
+from minio3.model import (check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
+                          token_logprobs, train_only)
 from minio3.parallel import World
 from minio3.protocol import add_protocol_args, apply_pixels, load_judge_prompt, parse_with_preset, protocol_from_args
 
@@ -212,7 +212,7 @@ def as_batch(trajs, idx: list[int], processor, device, masks: list[list[bool]] |
 def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, world: World = World(),
            filler=None) -> dict:
     """Policy-gradient updates on mini-batches of the kept trajectories, each an optimizer step over
-    runs of similar length (`length_runs`). The old log-probs are the trainer's own (one no-grad
+    runs of similar length (`parallel.length_runs`). The old log-probs are the trainer's own (one no-grad
     pass before the first update, so its ratio is 1); their gap to the engine's is logged. `filler`
     (a trajectory) pads a rank that has fewer mini-batches or runs (or none). Returns the mean loss,
     clip fraction, tokens trained on and the engine-trainer gap."""
@@ -225,8 +225,9 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     device = next(model.parameters()).device
     order = [int(i) for i in np.random.default_rng([args.seed, step]).permutation(len(rewards)) if keep[i]]
     size = max(1, args.minibatch // world.size)                    # this rank's share of a mini-batch
-    chunks = [length_runs(trajs, idx, min(args.length_split, size), world, len(trajs) - 1)
-              for idx in minibatches(order, size, world, len(trajs) - 1)]
+    length = lambda i: len(trajs[i].token_ids)
+    chunks = [parallel.length_runs(idx, min(args.length_split, size), length, world, len(trajs) - 1)
+              for idx in parallel.minibatches(order, size, world, len(trajs) - 1)]
     model.eval()
     with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
         olds = [[token_logprobs(model, as_batch(trajs, run, processor, device, masks), args.temperature, args.top_p)
@@ -273,24 +274,8 @@ def loss_of_run(model, batch, old, adv, keep, counts, args, ref=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Under torchrun: every rank takes the same number of forwards (FSDP gathers in each), the
-# engine's log-probs against the trainer's
+# The log: the engine's log-probs against the trainer's, and one step's record
 # ----------------------------------------------------------------------------------------------
-def minibatches(order: list[int], size: int, world: World, filler: int) -> list[list[int]]:
-    """The kept trajectories in mini-batches of `size`; every rank gets as many as the busiest one
-    (FSDP's gathers need every rank in every step), padded with `filler`, a row that teaches nothing."""
-    chunks = [order[b:b + size] for b in range(0, len(order), size)]
-    return chunks + [[filler]] * (world.max(len(chunks)) - len(chunks))
-
-
-def length_runs(trajs, idx: list[int], parts: int, world: World, filler: int) -> list[list[int]]:
-    """One mini-batch's rows in runs of similar length (model.by_length), each forwarded on its own;
-    under torchrun every rank makes exactly `parts` runs (FSDP gathers in every forward), the
-    missing ones (in a short last mini-batch) being the `filler` row."""
-    runs = by_length(idx, parts, lambda i: len(trajs[i].token_ids))
-    return runs + [[filler]] * (parts - len(runs)) if world.sharded else runs
-
-
 def log_gap(gap: list, trajs, run: list[int], old: torch.Tensor, on: torch.Tensor):
     """Add to `gap` (sum, count) the engine's log-probs' distance to the trainer's own on `on`."""
     engine_lp = torch.zeros_like(old)
@@ -312,6 +297,7 @@ def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict
             "loss": float(np.mean([u["loss"] for u in upd])),
             "clip_fraction": float(np.mean([u["clip_fraction"] for u in upd])),
             "logprob_gap": float(np.mean([u["logprob_gap"] for u in upd])),
+            "seconds": seconds, "rollouts_per_s": len(s) / seconds,      # the whole step: rollouts and update
             "tokens_per_s": (s[:, 5].sum() + sum(u["n_tok"] for u in upd)) / seconds}
 
 
@@ -323,13 +309,12 @@ def add_optimisation_args(ap):
     op.add_argument("--length-split", type=POSITIVE, default=2,
                     help="a mini-batch's trajectories, sorted by length, go through the model in this many runs "
                          "(the same gradient, less padding; model.by_length)")
-    op.add_argument("--lr", type=RATE, default=1e-4)
+    op.add_argument("--lr", type=RATE, default=3e-5)
     op.add_argument("--clip-low", type=SHARE, default=0.2)
     op.add_argument("--clip-high", type=NONNEGATIVE_FLOAT, default=0.3)
-    op.add_argument("--train-modules", type=names, default=["layers.3.mlp"],
-                    help="train only these parts of the language model, comma-separated (model.language_module); "
-                         "all: the whole language model. The tiny recipe trains the last MLP alone: its gradient "
-                         "is the least noisy, and RL of the whole model on 4 groups a step walks every weight")
+    op.add_argument("--train-modules", type=names, default=None,
+                    help="train only these parts of the language model, comma-separated (model.language_module, "
+                         "e.g. layers.3.mlp); all (the default): the whole language model")
     op.add_argument("--kl", type=NONNEGATIVE_FLOAT, default=0.0, help="KL penalty to the start model (off)")
     op.add_argument("--train-from-turn", type=POSITIVE, default=1,
                     help="the loss skips the assistant's earlier turns (2: the opening is not trained)")

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minio3.model import by_length
+
 OPTIMIZER_DIR = "optimizer_shards"   # inside a checkpoint written under torchrun
 
 
@@ -244,3 +246,19 @@ def load_optimizer(model, opt, out: Path, state: dict, world: World):
 def close(world: World):
     if world.sharded and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Under torchrun every rank takes the same number of forwards in an RL update (FSDP gathers in each).
+def minibatches(order: list[int], size: int, world: World, filler: int) -> list[list[int]]:
+    """The kept trajectories in mini-batches of `size`; every rank gets as many as the busiest one,
+    padded with `filler`, a row that teaches nothing."""
+    chunks = [order[b:b + size] for b in range(0, len(order), size)]
+    return chunks + [[filler]] * (world.max(len(chunks)) - len(chunks))
+
+
+def length_runs(idx: list[int], parts: int, length, world: World, filler: int) -> list[list[int]]:
+    """One mini-batch's rows in runs of similar `length` (model.by_length), each forwarded on its own;
+    under torchrun every rank makes exactly `parts` runs, the missing ones (in a short last
+    mini-batch) being the `filler` row."""
+    runs = by_length(idx, parts, length)
+    return runs + [[filler]] * (parts - len(runs)) if world.sharded else runs

@@ -304,7 +304,7 @@ PRESETS = {
         "turn_caps": "1,2,4,6,8,12",   # evaluation at 12 turns (rl.py keeps its --max-turns 6)
         "numbering": "turns", "parser": "official", "answer": "first",
         "temperature": 1.0,                      # rollouts and Avg@K sampled at temperature 1, as the paper
-        "levels": None, "train_modules": None,   # rl.py: every question, the whole model (not the tiny recipe's)
+        "levels": None, "train_modules": None,   # rl.py: every question (not only hard), the whole model
         "verdict_drills": 0,                     # sft.py: no tiny-world drills
     },
 }

@@ -7,7 +7,7 @@
 # the paper claims, and draws <out>/ablation.png. Run from anywhere: bash research/run_ablation.sh.
 # Three regimes (run bash run_tiny.sh first):
 #   REGIME=tiny (default): run_tiny.sh's SFT model and its RL recipe (20 steps, hard questions, T 0.7,
-#     the last MLP alone);
+#     the whole model at lr 3e-5);
 #     out: runs/ablation. SEEDS="0 1 2" (default) 1-2 hours on 2 CPU cores; SEEDS="0" 25-40 minutes.
 #   REGIME=hard: the numbered-list experiment's (research/LOG.md): SFT on numbered-list trajectories (collect --thoughts
 #     index-goal --slips 0.5, 400 steps with goal and look drills; made here if missing, about 25
@@ -32,7 +32,7 @@ REGIME=${REGIME:-tiny}
 ON_HARD="--questions 4 --group 8 --levels hard --temperature 0.7 --precision best"   # every regime
 case $REGIME in
   tiny) A=runs/ablation; SFT=runs/tiny/sft; DEFAULT_ARMS="mask nomask nocold"
-        DEFAULT_RL="$ON_HARD --steps 20 --lr 1e-4 --train-modules layers.3.mlp" ;;   # run_tiny.sh's RL
+        DEFAULT_RL="$ON_HARD --steps 20 --lr 3e-5 --train-modules all" ;;   # run_tiny.sh's RL
   hard) A=runs/ablation_hard; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
         DEFAULT_RL="$ON_HARD --steps 40 --lr 1e-4 --train-modules all" ;;
   long) A=runs/ablation_long; SFT=$A/sft; DEFAULT_ARMS="mask nomask"
@@ -57,7 +57,7 @@ if [ ! -f $SFT/model.safetensors ]; then
   [ "$REGIME" = tiny ] && { echo "$SFT is missing: run bash run_tiny.sh first"; exit 1; }
   if [ ! -f $NUMBERED/sft/model.safetensors ]; then
     stage "SFT on numbered-list trajectories"
-    python collect.py --data runs/tiny/probe/train.jsonl --out $NUMBERED/coldstart.jsonl --thoughts index-goal --slips 0.5
+    python collect.py --data runs/tiny/probe/train.jsonl --out $NUMBERED/coldstart.jsonl --thoughts index-goal --slips 0.5 --hasty 0
     python sft.py --data $NUMBERED/coldstart.jsonl --init tiny-base --out $NUMBERED/sft --steps 400 --batch 8 --lr 1e-3 \
       $DRILLS --overwrite
   fi

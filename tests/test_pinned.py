@@ -64,7 +64,7 @@ def test_probe_bytes_are_pinned(probe_dir):
 
 def test_cold_start_file_is_pinned(probe_dir, tmp_path):
     collect.main(["--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "cs.jsonl"), "--depth-first", "0.5",
-                  "--thoughts", "plain"])   # the wording these pins were taken with (issue 12 added "checklist")
+                  "--thoughts", "plain", "--hasty", "0"])   # the wording these pins were taken with (issue 12 added "checklist")
     rows = [{k: v for k, v in r.items() if k != "images"} for r in read_jsonl(tmp_path / "cs.jsonl")]
     assert len(rows) == 6
     assert _sha(rows) == "11a6f9b31de92194967dd24832d38c449fda9323acbbcda9d79b4c40d8aa94c1"
@@ -92,7 +92,7 @@ def _weight_sum(path) -> float:
 
 def test_sft_and_rl_steps_are_pinned(probe_dir, tmp_path, monkeypatch):
     collect.main(["--data", str(probe_dir / "train.jsonl"), "--out", str(tmp_path / "cs.jsonl"), "--depth-first", "0.5",
-                  "--thoughts", "plain"])   # the wording these pins were taken with (issue 12 added "checklist")
+                  "--thoughts", "plain", "--hasty", "0"])   # the wording these pins were taken with (issue 12 added "checklist")
     tiny, proc = build_tiny(seed=0)
     save_checkpoint(tiny, proc, tmp_path / "init")
     sft.main(["--data", str(tmp_path / "cs.jsonl"), "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft"),

@@ -107,7 +107,8 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
     log = read_jsonl(tmp_path / "rl_log.jsonl")
     assert [r["step"] for r in log] == [1, 2] and sum(r["rollouts"] for r in log) == rolled
     assert {"reward_mean", "accuracy", "mean_turns", "share_exceeded", "share_groups_dropped", "loss",
-            "clip_fraction", "tokens_per_s"} <= set(log[0])
+            "clip_fraction", "tokens_per_s", "seconds", "rollouts_per_s"} <= set(log[0])
+    assert all(r["seconds"] > 0 and abs(r["rollouts_per_s"] * r["seconds"] - r["rollouts"]) < 1e-6 for r in log)
     # 12 tokens a turn: every rollout's first turn is cut, which ends it unanswered (not masked)
     assert log[0]["share_truncated"] == 1.0 and log[0]["share_exceeded"] == 0.0
     trained, _ = load(str(tmp_path / "rl"))
