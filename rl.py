@@ -5,10 +5,12 @@
 
 Reads: a policy checkpoint (--model) and probe questions (--data). Writes: the trained policy to
 --out (a checkpoint folder, with trainer_state.pt for --resume) and one line per step to
-<out>_log.jsonl (reward, accuracy, turns, shares exceeded/truncated/dropped, loss, clip fraction).
+<out>_log.jsonl (reward, accuracy, turns, shares exceeded/truncated/dropped, loss, clip fraction,
+seconds and rollouts a second).
 
-Each step: take P questions, roll out G trajectories per question through the engine (at most
---max-turns turns), score each answer (1 if right), turn the scores into advantages within each
+Each step: take P questions, roll out G trajectories per question through the engine in one call
+(at most --max-turns turns; a group whose rewards all tie is replaced inside the call by the next
+question's G rollouts, `rollout_groups`), score each answer (1 if right), turn the scores into advantages within each
 group (`group_advantages`), and take clipped policy-gradient steps (`policy_loss`) on exactly the
 tokens the engine sampled, their log-probabilities taken at the temperature they were sampled at.
 
