@@ -61,7 +61,7 @@ def test_no_guess_where_the_candidates_are_few():
 
 def test_hasty_adds_lucky_guesses_beside_the_unchanged_searches(probe_dir, tmp_path):
     base = ["--data", str(probe_dir / "train.jsonl"), "--max-share", "1"]
-    collect.main(base + ["--out", str(tmp_path / "plain.jsonl")])
+    collect.main(base + ["--out", str(tmp_path / "plain.jsonl"), "--hasty", "0"])   # the explorer alone
     collect.main(base + ["--out", str(tmp_path / "hasty.jsonl"), "--hasty", "16"])
     plain, hasty = read_jsonl(tmp_path / "plain.jsonl"), read_jsonl(tmp_path / "hasty.jsonl")
     key = lambda r: (r["doc_id"], tuple(r["turns"]))
