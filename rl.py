@@ -10,9 +10,10 @@ seconds and rollouts a second).
 
 Each step: take P questions, roll out G trajectories per question through the engine in one call
 (at most --max-turns turns; a group whose rewards all tie is replaced inside the call by the next
-question's G rollouts, `rollout_groups`), score each answer (1 if right), turn the scores into advantages within each
-group (`group_advantages`), and take clipped policy-gradient steps (`policy_loss`) on exactly the
-tokens the engine sampled, their log-probabilities taken at the temperature they were sampled at.
+question's G rollouts, `rollout_groups`), score each answer (1 if right), turn the scores into
+advantages within each group (`group_advantages`), and take clipped policy-gradient steps
+(`policy_loss`) on exactly the tokens the engine sampled, their log-probabilities taken at the
+temperature they were sampled at.
 
 Over-turn masking (`overturn_keep`): a trajectory that still calls the tool on its last allowed turn
 (or runs out of context) has no answer, so its reward is 0. Trained on, that 0 teaches the model to

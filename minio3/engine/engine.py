@@ -60,9 +60,11 @@ class Engine:
         slots: list[Slot] = []           # slots[i] lives in cache row i
         results: list[Trajectory | None] = [None] * len(samples)
         bar = tqdm(total=len(samples), desc="rollout", disable=not progress, dynamic_ncols=True, leave=False)
-        while waiting and len(slots) < self.max_batch:
-            slots.append(self._admit(*waiting.popleft(), s, on_text))
-        while slots:
+        while True:
+            while waiting and len(slots) < self.max_batch:   # free rows take waiting samples (`more` adds some)
+                slots.append(self._admit(*waiting.popleft(), s, on_text))
+            if not slots:
+                break
             k = s.window or (8 if self.decoder.device.type == "cuda" else 1)
             if k > 1 and self._windowable(slots, k):
                 done = self._window(slots, k, s, choose, on_text)
@@ -71,14 +73,13 @@ class Engine:
             for i in sorted(set(done), reverse=True):
                 results[slots[i].index] = slots[i].result()
                 bar.update(1)
-                for extra in (more(slots[i].index, results[slots[i].index]) or []) if more else ():
+                added = more(slots[i].index, results[slots[i].index]) if more else None
+                for extra in added or []:
                     waiting.append((len(samples), extra))
                     samples.append(extra)
                     results.append(None)
                     bar.total += 1
                 self._retire(slots, i, waiting, s, on_text)
-            while waiting and len(slots) < self.max_batch:   # rows left free, and samples `more` added
-                slots.append(self._admit(*waiting.popleft(), s, on_text))
         bar.close()
         return results
 
