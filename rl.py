@@ -6,7 +6,7 @@
 Reads: a policy checkpoint (--model) and probe questions (--data). Writes: the trained policy to
 --out (a checkpoint folder, with trainer_state.pt for --resume) and one line per step to
 <out>_log.jsonl (reward, accuracy, turns, shares exceeded/truncated/dropped, loss, clip fraction,
-seconds and rollouts a second).
+seconds, the rollouts' share of them, and rollouts a second).
 
 Each step: take P questions, roll out G trajectories per question through the engine in one call
 (at most --max-turns turns; a group whose rewards all tie is replaced inside the call by the next
@@ -213,12 +213,15 @@ def as_batch(trajs, idx: list[int], processor, device, masks: list[list[bool]] |
 
 
 def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, world: World = World(),
-           filler=None) -> dict:
+           filler=None, old_from_engine: bool = False) -> dict:
     """Policy-gradient updates on mini-batches of the kept trajectories, each an optimizer step over
-    runs of similar length (`parallel.length_runs`). The old log-probs are the trainer's own (one no-grad
-    pass before the first update, so its ratio is 1); their gap to the engine's is logged. `filler`
-    (a trajectory) pads a rank that has fewer mini-batches or runs (or none). Returns the mean loss,
-    clip fraction, tokens trained on and the engine-trainer gap."""
+    runs of similar length (`parallel.length_runs`). The old log-probs (the policy that sampled):
+    with `old_from_engine`, the engine's own, recorded as it sampled with these very weights (one
+    process, one dtype); else the trainer's, from one no-grad pass before the first update (an FSDP2
+    or bfloat16 replica sampled). Either way the first mini-batch's ratio is 1, and the engine's gap
+    to the trainer's log-probs at the sampling weights is logged. `filler` (a trajectory) pads a rank
+    that has fewer mini-batches or runs (or none). Returns the mean loss, clip fraction, tokens
+    trained on and the engine-trainer gap."""
     trajs = [t for g in groups for t in g[0]] + ([filler] if filler is not None else [])
     rewards = torch.tensor([r for g in groups for r in g[1]], dtype=torch.float)
     keep = torch.tensor([k for g in groups for k in g[2]] + [False] * (filler is not None), dtype=torch.bool)
@@ -231,13 +234,15 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     length = lambda i: len(trajs[i].token_ids)
     chunks = [parallel.length_runs(idx, min(args.length_split, size), length, world, len(trajs) - 1)
               for idx in parallel.minibatches(order, size, world, len(trajs) - 1)]
-    model.eval()
-    with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
-        olds = [[token_logprobs(model, as_batch(trajs, run, processor, device, masks), args.temperature, args.top_p)
-                 for run in runs] for runs in chunks]
+    olds = [[None] * len(runs) for runs in chunks]                 # None: the engine's, taken per run below
+    if not old_from_engine:
+        model.eval()
+        with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
+            olds = [[token_logprobs(model, as_batch(trajs, run, processor, device, masks), args.temperature,
+                                    args.top_p) for run in runs] for runs in chunks]
     model.train()
     losses, clips, n_tok, gap = [], [], 0, [0.0, 0]
-    for runs, old_runs in zip(chunks, olds):
+    for k, (runs, old_runs) in enumerate(zip(chunks, olds)):
         opt.zero_grad(set_to_none=True)
         # the loss is a mean over the whole mini-batch's tokens, whichever run they are in: the runs'
         # gradients add up to the mini-batch's
@@ -249,9 +254,12 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
             # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
             # pixels held at once would not fit; the images are cut and resized already (Trajectory.shown)
             batch = as_batch(trajs, run, processor, device, masks)
-            log_gap(gap, trajs, run, old, batch["loss_mask"].bool() & keep[run].to(device)[:, None])
-            run_loss, run_clip = loss_of_run(model, batch, old, adv[run].to(device), keep[run].to(device),
-                                             (kept, sampled), args, ref)
+            engine_lp = engine_logprobs(trajs, run, batch["input_ids"].shape[1]).to(device)
+            run_loss, run_clip, lp = loss_of_run(model, batch, engine_lp if old is None else old,
+                                                 adv[run].to(device), keep[run].to(device), (kept, sampled), args, ref)
+            if old is not None or k == 0:          # the trainer's log-probs at the sampling weights
+                on = batch["loss_mask"].bool() & keep[run].to(device)[:, None]
+                log_gap(gap, engine_lp, lp if old is None else old, on)
             check_finite(run_loss, step + 1, out)
             run_loss.backward()
             loss, clip = loss + run_loss.item(), clip + run_clip.item()
@@ -266,32 +274,39 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
 
 
 def loss_of_run(model, batch, old, adv, keep, counts, args, ref=None):
-    """One run's policy loss (and clip fraction) at the sampling temperature, with the KL penalty
-    if --kl; `counts` = (kept, sampled): the mini-batch's token counts the means divide by."""
+    """One run's policy loss, clip fraction and (detached) log-probs at the sampling temperature, with
+    the KL penalty if --kl; `counts` = (kept, sampled): the mini-batch's token counts the means divide by."""
     with parallel.autocast(model, args.precision):
         lp = token_logprobs(model, batch, args.temperature, args.top_p)   # the policy that sampled
     loss, clip = policy_loss(lp, old, adv, batch["loss_mask"], keep, args.clip_low, args.clip_high, counts[0])
     if ref is not None:
         loss = loss + args.kl * kl_penalty(ref, batch, lp, args.temperature, counts[1], args.top_p)
-    return loss, clip
+    return loss, clip, lp.detach()
 
 
 # ----------------------------------------------------------------------------------------------
 # The log: the engine's log-probs against the trainer's, and one step's record
 # ----------------------------------------------------------------------------------------------
-def log_gap(gap: list, trajs, run: list[int], old: torch.Tensor, on: torch.Tensor):
-    """Add to `gap` (sum, count) the engine's log-probs' distance to the trainer's own on `on`."""
-    engine_lp = torch.zeros_like(old)
+def engine_logprobs(trajs, run: list[int], width: int) -> torch.Tensor:
+    """[len(run), width]: the log-probs the engine recorded as it sampled run's trajectories, in the
+    positions of their tokens (0 off the sampled ones and in the padding)."""
+    lp = torch.zeros(len(run), width)
     for j, i in enumerate(run):
-        engine_lp[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
-    gap[0] += float((engine_lp - old).abs()[on].sum())
+        lp[j, :len(trajs[i].logprobs)] = torch.tensor(trajs[i].logprobs)
+    return lp
+
+
+def log_gap(gap: list, engine_lp: torch.Tensor, trainer_lp: torch.Tensor, on: torch.Tensor):
+    """Add to `gap` (sum, count) the engine's log-probs' distance to the trainer's on `on`."""
+    gap[0] += float((engine_lp - trainer_lp).abs()[on].sum())
     gap[1] += int(on.sum())
 
 
-def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict], seconds: float) -> dict:
-    """What one step logs: reward and accuracy of every rollout, how many, how it searched, and the update.
-    `stats` holds (reward, correct, turns, exceeded, truncated, tokens) of every rank's rollouts,
-    `upd` every rank's update figures."""
+def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict], seconds: float,
+                rollout_seconds: float) -> dict:
+    """What one step logs: reward and accuracy of every rollout, how many, how it searched, the update,
+    and the time. `stats` holds (reward, correct, turns, exceeded, truncated, tokens) of every rank's
+    rollouts, `upd` every rank's update figures."""
     s = np.array(stats, dtype=float).reshape(-1, 6)
     return {"step": step, "reward_mean": float(s[:, 0].mean()), "accuracy": float(s[:, 1].mean()),
             "mean_turns": float(s[:, 2].mean()), "share_exceeded": float(s[:, 3].mean()),
@@ -301,6 +316,7 @@ def step_record(step: int, stats: list, tried: int, dropped: int, upd: list[dict
             "clip_fraction": float(np.mean([u["clip_fraction"] for u in upd])),
             "logprob_gap": float(np.mean([u["logprob_gap"] for u in upd])),
             "seconds": seconds, "rollouts_per_s": len(s) / seconds,      # the whole step: rollouts and update
+            "rollout_seconds": rollout_seconds,                           # of which the rollouts
             "tokens_per_s": (s[:, 5].sum() + sum(u["n_tok"] for u in upd)) / seconds}
 
 
@@ -421,11 +437,13 @@ def main(argv: list[str] | None = None):
         model.eval()
         groups, stats, tried, dropped = rollout_groups(engine, questions, Path(args.data).parent, args, step,
                                                        judge_engine, args.questions // world.size, world.rank)
-        upd = update(model, opt, processor, groups, args, step, out, ref, world, stats[0][0])
+        t_rollouts = time.time() - t0
+        upd = update(model, opt, processor, groups, args, step, out, ref, world, stats[0][0],
+                     old_from_engine=engine.decoder.model is model)   # the engine sampled with these weights
         step += 1
         light = [(r, c, t.turns, t.exceeded, t.truncated, len(t.token_ids)) for t, r, c in stats]
         record = step_record(step, sum(world.gather(light), []), int(world.sum(tried)), int(world.sum(dropped)),
-                             world.gather(upd), time.time() - t0)
+                             world.gather(upd), time.time() - t0, t_rollouts)
         if parallel.peak_memory_gb(world) is not None:
             record["max_memory_GB"] = parallel.peak_memory_gb(world)
         if world.main:

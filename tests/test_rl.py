@@ -109,6 +109,8 @@ def test_rl_steps_end_to_end_change_the_weights(tiny, probe_dir, tmp_path, monke
     assert {"reward_mean", "accuracy", "mean_turns", "share_exceeded", "share_groups_dropped", "loss",
             "clip_fraction", "tokens_per_s", "seconds", "rollouts_per_s"} <= set(log[0])
     assert all(r["seconds"] > 0 and abs(r["rollouts_per_s"] * r["seconds"] - r["rollouts"]) < 1e-6 for r in log)
+    assert all(0 < r["rollout_seconds"] < r["seconds"] for r in log)
+    assert all(r["logprob_gap"] < 1e-4 for r in log)    # the engine's old log-probs are the trainer's
     # 12 tokens a turn: every rollout's first turn is cut, which ends it unanswered (not masked)
     assert log[0]["share_truncated"] == 1.0 and log[0]["share_exceeded"] == 0.0
     trained, _ = load(str(tmp_path / "rl"))
@@ -140,6 +142,35 @@ def test_update_in_runs_of_similar_length_is_the_same_step(tiny, probe_dir, tmp_
     assert figures[3]["clip_fraction"] == pytest.approx(figures[1]["clip_fraction"], abs=1e-7)
     norm = max(v.abs().max().item() for v in changes[1].values())
     assert norm > 0 and all(torch.allclose(changes[3][k], changes[1][k], atol=1e-4 * norm) for k in changes[1])
+
+
+def test_old_logprobs_from_the_engine_give_the_same_update_with_one_forward_less(tiny, probe_dir, tmp_path,
+                                                                                 monkeypatch):
+    """When the engine sampled with the trainer's own weights, its recorded log-probs are the old
+    policy's: the update (two mini-batches, so the second one's ratio is not 1) equals the one whose
+    old log-probs come from the trainer's no-grad pass, and it runs one forward a run instead of two."""
+    import copy
+    model, proc = tiny
+    row = read_jsonl(probe_dir / "train.jsonl")[0]
+    trajs = Engine(model, proc).run([Sample(load_image(row, probe_dir), row["problem"])] * 8, max_turns=2,
+                                    temperature=1.0, seed=4, max_turn_tokens=16, progress=False)
+    groups = [(trajs[:4], [1.0, 0.0, 0.0, 1.0], [True] * 4), (trajs[4:], [0.0, 1.0, 0.0, 0.0], [True] * 4)]
+    forwards = []
+    real = rl.token_logprobs
+    monkeypatch.setattr(rl, "token_logprobs", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    changes, figures, calls = {}, {}, {}
+    for from_engine in (False, True):
+        m, n0 = copy.deepcopy(model), len(forwards)
+        args = rl.parse_args(["--minibatch", "4", "--group", "4", "--length-split", "1", "--temperature", "1.0"])
+        figures[from_engine] = rl.update(m, torch.optim.SGD(m.parameters(), lr=1.0), proc, groups, args, 0, tmp_path,
+                                         old_from_engine=from_engine)
+        changes[from_engine] = {k: v - model.state_dict()[k] for k, v in m.state_dict().items()}
+        calls[from_engine] = len(forwards) - n0
+    assert calls == {False: 4, True: 2}            # two mini-batches of one run each
+    assert figures[True]["loss"] == pytest.approx(figures[False]["loss"], rel=1e-4, abs=1e-6)
+    assert figures[True]["logprob_gap"] < 1e-4 and figures[False]["logprob_gap"] < 1e-4
+    norm = max(v.abs().max().item() for v in changes[False].values())
+    assert norm > 0 and all(torch.allclose(changes[True][k], changes[False][k], atol=1e-4 * norm) for k in changes[False])
 
 
 def test_train_modules_moves_only_the_named_parts(tiny, probe_dir, tmp_path, monkeypatch):
