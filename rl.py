@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from minio3.conversation import grade
 from minio3 import parallel
-from minio3.data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SHARE, append_jsonl, flag, load_image,
-                  main_cli, names, read_records, select_levels)
+from minio3.data import (InputError, NONNEGATIVE_FLOAT, POSITIVE, PROBABILITY, RATE, SHARE, Questions, append_jsonl,
+                         flag, load_image, main_cli, names, read_records, select_levels)
 from minio3.judge import judge
 from minio3.engine import Engine, Sample, Settings
 from minio3.model import (check_finite, collate, load, resolve_checkpoint, seed_everything, start_run,
@@ -121,23 +121,6 @@ def rewards_for(trajs, rows, judge_engine=None, format_bonus: float = 0.0,
 # ----------------------------------------------------------------------------------------------
 # One step: roll out groups, score them, update the policy
 # ----------------------------------------------------------------------------------------------
-class Questions:
-    """An endless stream of the data's questions, reshuffled every epoch (seeded); `cursor` is the
-    position in it, saved with the checkpoint so that a resumed run asks the same questions."""
-
-    def __init__(self, rows: list[dict], seed: int, cursor: int = 0):
-        self.rows, self.seed, self.cursor = rows, seed, cursor
-
-    def take(self, n: int) -> list[dict]:
-        picked = []
-        for _ in range(n):
-            epoch, k = divmod(self.cursor, len(self.rows))
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-            picked.append(self.rows[int(order[k])])
-            self.cursor += 1
-        return picked
-
-
 def rollout_groups(engine, questions: Questions, root: Path, args, step: int, judge_engine=None,
                    n_questions: int | None = None, rank: int = 0):
     """P groups of G rollouts whose rewards do not all tie, in one engine call; under torchrun P is

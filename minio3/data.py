@@ -4,6 +4,8 @@
   * argparse types with ranges (`POSITIVE`, `RATE`, `PROBABILITY`, ...),
   * `read_records`: every record of a JSONL file checked before any work (fields, types, lengths,
     images inside their folder, present and decodable), errors naming the file, line and field,
+  * `select_levels` and `Questions`: the records of some difficulties, and rl.py's endless seeded
+    stream of them (its cursor saved with the checkpoint),
   * `load_image` (scaled down past MAX_IMAGE_PIXELS), JSONL reading and writing,
   * `atomic_path` and `recover`: files and checkpoint folders replaced so that a kill at any
     instant leaves one complete copy.
@@ -20,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 SPECIAL_TOKEN = re.compile(r"<\|([A-Za-z_]{1,30})\|>")   # <|im_start|>, <|image_pad|>, ...
@@ -194,6 +197,23 @@ def select_levels(rows: list[dict], levels: list[str] | None, path) -> list[dict
         have = sorted({str(r.get("difficulty")) for r in rows})
         raise InputError(f"{path}: no record has a difficulty in {', '.join(levels)} (it has: {', '.join(have)})")
     return kept
+
+
+class Questions:
+    """An endless stream of the data's questions, reshuffled every epoch (seeded); `cursor` is the
+    position in it, saved with the checkpoint so that a resumed run asks the same questions."""
+
+    def __init__(self, rows: list[dict], seed: int, cursor: int = 0):
+        self.rows, self.seed, self.cursor = rows, seed, cursor
+
+    def take(self, n: int) -> list[dict]:
+        picked = []
+        for _ in range(n):
+            epoch, k = divmod(self.cursor, len(self.rows))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            picked.append(self.rows[int(order[k])])
+            self.cursor += 1
+        return picked
 
 
 # ----------------------------------------------------------------------------------------------
