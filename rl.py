@@ -217,7 +217,7 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
     length = lambda i: len(trajs[i].token_ids)
     chunks = [parallel.length_runs(idx, min(args.length_split, size), length, world, len(trajs) - 1)
               for idx in parallel.minibatches(order, size, world, len(trajs) - 1)]
-    olds = [[None] * len(runs) for runs in chunks]                 # None: the engine's, taken per run below
+    olds = None                                     # None: the engine's log-probs are the old ones
     if not old_from_engine:
         model.eval()
         with torch.no_grad(), parallel.autocast(model, args.precision):   # the sampling policy, by the trainer
@@ -225,7 +225,7 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
                                     args.top_p) for run in runs] for runs in chunks]
     model.train()
     losses, clips, n_tok, gap = [], [], 0, [0.0, 0]
-    for k, (runs, old_runs) in enumerate(zip(chunks, olds)):
+    for k, runs in enumerate(chunks):
         opt.zero_grad(set_to_none=True)
         # the loss is a mean over the whole mini-batch's tokens, whichever run they are in: the runs'
         # gradients add up to the mini-batch's
@@ -233,16 +233,17 @@ def update(model, opt, processor, groups, args, step: int, out: Path, ref=None, 
         kept = max(1.0, world.sum(sum(sum(masks[i]) for i in rows if keep[i]))) / world.size
         sampled = max(1, sum(sum(masks[i]) for i in rows))
         loss, clip = 0.0, 0.0
-        for run, old in zip(runs, old_runs):
+        for j, run in enumerate(runs):
             # collated again rather than kept from the no-grad pass: at 7B scale every mini-batch's
             # pixels held at once would not fit; the images are cut and resized already (Trajectory.shown)
             batch = as_batch(trajs, run, processor, device, masks)
             engine_lp = engine_logprobs(trajs, run, batch["input_ids"].shape[1]).to(device)
-            run_loss, run_clip, lp = loss_of_run(model, batch, engine_lp if old is None else old,
-                                                 adv[run].to(device), keep[run].to(device), (kept, sampled), args, ref)
-            if old is not None or k == 0:          # the trainer's log-probs at the sampling weights
+            old = engine_lp if olds is None else olds[k][j]
+            run_loss, run_clip, lp = loss_of_run(model, batch, old, adv[run].to(device), keep[run].to(device),
+                                                 (kept, sampled), args, ref)
+            if olds is not None or k == 0:         # the trainer's log-probs at the sampling weights
                 on = batch["loss_mask"].bool() & keep[run].to(device)[:, None]
-                log_gap(gap, engine_lp, lp if old is None else old, on)
+                log_gap(gap, engine_lp, lp if olds is None else old, on)
             check_finite(run_loss, step + 1, out)
             run_loss.backward()
             loss, clip = loss + run_loss.item(), clip + run_clip.item()
